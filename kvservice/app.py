@@ -1,0 +1,117 @@
+"""The Starlette application: the KVStore Connect service, health and metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from kvservice import codec
+from kvservice.metrics import RpcMetricsMiddleware
+from kvservice.service import KVStoreService
+from kvservice.v1 import kv_pb2
+from kvservice.v1.kv_connect import KVStoreASGIApplication
+
+if TYPE_CHECKING:
+    from kvservice.metrics import ASGIApp, Receive, Scope, Send
+    from kvservice.node import Node
+
+# Room for the key, the protobuf/JSON framing and base64 (4/3) around a value.
+REQUEST_OVERHEAD_BYTES = 16 * 1024
+
+
+def _get_paths() -> frozenset[str]:
+    """Paths of the methods marked NO_SIDE_EFFECTS: only these may be sent as HTTP GET."""
+    service = kv_pb2.DESCRIPTOR.services_by_name["KVStore"]
+    return frozenset(
+        f"/{service.full_name}/{m.name}"
+        for m in service.methods
+        if m.GetOptions().idempotency_level == m.GetOptions().NO_SIDE_EFFECTS
+    )
+
+
+class RequestGuard:
+    """Refuses what connect-python would accept unchecked: bodies over the limit
+    (before they are read into memory) and HTTP GET of methods with side effects."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.get_paths = _get_paths()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if scope["method"] == "GET" and scope["path"] not in self.get_paths:
+                await _connect_error(send, 405, "unimplemented", "this method needs HTTP POST")
+                return
+            for name, value in scope["headers"]:
+                if name == b"content-length" and int(value or 0) > self.max_body_bytes:
+                    await _connect_error(
+                        send, 429, "resource_exhausted",
+                        f"request body is {int(value)} bytes; the limit is "
+                        f"{self.max_body_bytes} (max_value_bytes + {REQUEST_OVERHEAD_BYTES})",
+                    )  # fmt: skip
+                    return
+        await self.app(scope, receive, send)
+
+
+async def _connect_error(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"code": code, "message": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(node: Node) -> Starlette:
+    """Build the ASGI app serving `node`; the lifespan starts and closes the node."""
+    codec.install()
+    settings = node.settings
+    max_body = settings.max_value_bytes * 4 // 3 + REQUEST_OVERHEAD_BYTES
+    kv = KVStoreASGIApplication(KVStoreService(node), read_max_bytes=max_body)
+    rpc: ASGIApp = RpcMetricsMiddleware(
+        RequestGuard(kv, max_body), node.metrics, kv.path + "/", log_access=settings.access_log
+    )
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(_: Request) -> Response:
+        ready, body = readiness(node)
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        node.start()
+        try:
+            yield
+        finally:
+            await node.close()
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Mount(kv.path, app=rpc),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def readiness(node: Node) -> tuple[bool, dict[str, Any]]:
+    """Ready = recovered and accepting writes; otherwise say why."""
+    if node.closed:
+        return False, {"ready": False, "reason": "shutting down"}
+    if node.write_failure:
+        return False, {"ready": False, "reason": node.write_failure}
+    return True, {"ready": True, "revision": str(node.store.revision)}

@@ -1,0 +1,136 @@
+"""The `kvservice` command: serve, wal check|repair, config show."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, get_args
+
+from kvservice import __version__, logs
+from kvservice.config import ConfigError, Settings, load, shown_value, sources
+from kvservice.errors import StorageError
+
+# Named exit codes (documented in the README).
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2  # bad flags, env or config file: nothing was started
+EXIT_STORAGE = 3  # on-disk state refused: corruption, missing WAL, data dir in use
+
+log = logging.getLogger("kvservice.cli")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, generated from the Settings fields so they never drift."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        choices = get_args(field.annotation) or None
+        if field.annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=field.description)  # fmt: skip
+        else:
+            parser.add_argument(
+                flag, dest=name, default=None, help=f"{field.description} (default: {field.default})",
+                choices=choices if choices and all(isinstance(c, str) for c in choices) else None,
+            )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvservice", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kvservice {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run a node")
+    _add_setting_flags(serve)
+
+    wal = commands.add_parser("wal", help="inspect or repair the write-ahead log")
+    wal_commands = wal.add_subparsers(dest="wal_command", required=True)
+    check = wal_commands.add_parser("check", help="verify snapshots and WAL; exit 3 on damage")
+    repair = wal_commands.add_parser(
+        "repair", help="cut the WAL at the last good record, keeping .broken copies"
+    )
+    for sub in (check, repair):
+        sub.add_argument("--data-dir", dest="data_dir", default=None, help="data directory")
+        sub.add_argument("--config", default=None, help="YAML config file")
+
+    config = commands.add_parser("config", help="settings")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="print effective settings and their sources")
+    _add_setting_flags(show)
+    return parser
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name, None) for name in Settings.model_fields}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = _flags(args)
+    try:
+        settings = load(flags)
+    except ConfigError as exc:
+        print(f"kvservice: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "config":
+        for name, origin in sources(settings, flags).items():
+            print(f"{name} = {shown_value(name, getattr(settings, name))}  ({origin})")
+        return EXIT_OK
+    logs.configure(settings.log_level, settings.log_format)
+    if args.command == "wal":
+        from kvservice.storage import repair
+
+        if args.wal_command == "check":
+            return repair.check(settings.data_dir)
+        return repair.repair(settings.data_dir)
+    return _serve(settings)
+
+
+def _serve(settings: Settings) -> int:
+    from kvservice.server import serve
+    from kvservice.storage.files import DataDirLocked, lock_data_dir
+    from kvservice.storage.recovery import recover
+
+    log.info("starting", extra={"version": __version__, **_summary(settings)})
+    try:
+        lock = lock_data_dir(settings.data_dir)
+    except DataDirLocked as exc:
+        log.critical("cannot start", extra={"error": str(exc)})
+        return EXIT_STORAGE
+    try:
+        recovery = recover(settings.data_dir)
+    except StorageError as exc:
+        log.critical(
+            "cannot start: the data on disk is damaged",
+            extra={"error": str(exc), "help": "see docs/runbook.md; `kvservice wal check`"},
+        )
+        return EXIT_STORAGE
+    log.info(
+        "recovered",
+        extra={
+            "revision": recovery.store.revision,
+            "keys": len(recovery.store),
+            "snapshot_revision": recovery.snapshot_revision,
+            "records_replayed": recovery.records_replayed,
+            "torn_tail_truncated": recovery.torn_tail is not None,
+            "seconds": round(recovery.seconds, 3),
+        },
+    )
+    try:
+        serve(settings, recovery)
+    finally:
+        lock.close()
+    return EXIT_OK
+
+
+def _summary(settings: Settings) -> dict[str, Any]:
+    return {
+        name: shown_value(name, value) if not isinstance(value, Path) else str(value)
+        for name, value in settings.model_dump().items()
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

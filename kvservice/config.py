@@ -1,0 +1,170 @@
+"""Settings: one frozen object, the only place that reads flags, env vars or the file.
+
+Precedence: command-line flag > environment variable `KVSERVICE_<NAME>` >
+YAML config file (`--config FILE` or `KVSERVICE_CONFIG`) > default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "KVSERVICE_"
+KiB = 1024
+MiB = 1024 * KiB
+
+FsyncMode = Literal["always", "everysec", "no"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["json", "text"]
+
+
+class ConfigError(Exception):
+    """Settings could not be loaded; the message names the setting and what is allowed."""
+
+
+class Settings(BaseSettings):
+    """Every setting of a node. Field descriptions double as `--help` and README text."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", validate_default=True
+    )
+
+    config: Path | None = Field(None, description="YAML file with settings (flags and env win)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port to listen on")
+    data_dir: Path = Field(Path("data"), description="directory for wal/ and snap/")
+    fsync: FsyncMode = Field(
+        "always", description="when WAL records reach the disk before a write is acknowledged"
+    )
+    max_key_bytes: int = Field(1 * KiB, ge=1, le=64 * KiB, description="largest key, UTF-8 bytes")
+    max_value_bytes: int = Field(1 * MiB, ge=0, le=64 * MiB, description="largest value, bytes")
+    wal_segment_bytes: int = Field(
+        64 * MiB, ge=4 * KiB, description="rotate the WAL segment after this many bytes"
+    )
+    snapshot_threshold_bytes: int = Field(
+        64 * MiB, ge=4 * KiB, description="take a snapshot after this many WAL bytes"
+    )
+    log_level: LogLevel = Field("info", description="lowest level logged")
+    log_format: LogFormat = Field("json", description="json lines, or text for people")
+    access_log: bool = Field(False, description="log every request")
+    shutdown_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600, description="how long in-flight requests may run after SIGTERM"
+    )
+
+    @field_validator("fsync", mode="before")
+    @classmethod
+    def _yaml_no_is_a_mode(cls, value: object) -> object:
+        # YAML 1.1 reads a bare `fsync: no` as the boolean false.
+        return "no" if value is False else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        assert isinstance(init_settings, InitSettingsSource)
+        config_file = init_settings.init_kwargs.get("config") or os.environ.get(
+            f"{ENV_PREFIX}CONFIG"
+        )
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if config_file:
+            sources.append(YamlFileSource(settings_cls, Path(config_file)))
+        return tuple(sources)
+
+
+class YamlFileSource(PydanticBaseSettingsSource):
+    """Settings from a YAML mapping; a missing file or a non-mapping is an error."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        super().__init__(settings_cls)
+        self.path = path
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of setting: value")
+        self.values: dict[str, Any] = loaded
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def load(flags: Mapping[str, Any] | None = None) -> Settings:
+    """Build the settings from flags (only those given), env and file; raise ConfigError."""
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, given)) from exc
+
+
+def describe_validation_error(exc: ValidationError, flags: Mapping[str, Any]) -> str:
+    lines = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        where = _origin(name, flags)
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(n for n in Settings.model_fields if n != "config")
+            lines.append(f"unknown setting '{name}' ({where}); known settings: {allowed}")
+            continue
+        lines.append(
+            f"invalid setting '{name}' = {error.get('input')!r} ({where}): {error['msg']}"
+        )
+    return "; ".join(lines)
+
+
+def sources(settings: Settings, flags: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Where each effective value came from: flag, env KVSERVICE_X, file PATH or default."""
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    return {name: _origin(name, given, settings.config) for name in Settings.model_fields}
+
+
+def _origin(name: str, flags: Mapping[str, Any], config: Path | None = None) -> str:
+    if name in flags:
+        return f"flag --{name.replace('_', '-')}"
+    env_name = f"{ENV_PREFIX}{name.upper()}"
+    if env_name in os.environ:
+        return f"env {env_name}"
+    config_file = config or flags.get("config") or os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if config_file and name != "config":
+        try:
+            values = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            values = {}
+        if isinstance(values, dict) and name in values:
+            return f"file {config_file}"
+    return "default"
+
+
+SECRET_WORDS = ("token", "secret", "password", "key_file")
+
+
+def shown_value(name: str, value: object) -> str:
+    """A value as `config show` prints it, secrets masked."""
+    if value is not None and any(word in name for word in SECRET_WORDS):
+        return "********"
+    return str(value)

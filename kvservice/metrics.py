@@ -1,0 +1,195 @@
+"""Prometheus metrics: one registry per node (no global state), and the ASGI
+middleware that counts every RPC by method and Connect code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, MutableMapping
+
+    from kvservice.node import Node
+    from kvservice.storage.recovery import Recovery
+
+    Scope = MutableMapping[str, Any]
+    Message = MutableMapping[str, Any]
+    Receive = Callable[[], Awaitable[Message]]
+    Send = Callable[[Message], Awaitable[None]]
+    ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+access_log = logging.getLogger("kvservice.access")
+
+# Latency buckets from 50 µs (an in-memory read) to 10 s (a stalled disk).
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Connect's mapping for error responses that carry no JSON body.
+_STATUS_CODES = {400: "invalid_argument", 404: "unimplemented", 405: "unimplemented",
+                 408: "deadline_exceeded", 413: "resource_exhausted", 415: "invalid_argument",
+                 429: "resource_exhausted", 503: "unavailable"}  # fmt: skip
+
+
+class Metrics:
+    """Every metric kvservice exports, registered in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter(
+            "kvservice_rpc_requests", "RPCs served, by method and Connect code",
+            ["method", "code"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "kvservice_rpc_duration_seconds", "Time to serve an RPC, by method",
+            ["method"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.fsync_seconds = Histogram(
+            "kvservice_wal_fsync_duration_seconds", "Time of one WAL fsync",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "kvservice_wal_group_commit_writes", "Writes made durable by one group-commit fsync",
+            buckets=BATCH_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.snapshot_seconds = Histogram(
+            "kvservice_snapshot_duration_seconds", "Time to write a snapshot",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
+        )  # fmt: skip
+        self.snapshot_failures = Counter(
+            "kvservice_snapshot_failures", "Snapshots that failed", registry=r
+        )
+        self.keys = Gauge("kvservice_keys", "Keys in the store", registry=r)
+        self.revision = Gauge("kvservice_revision", "Current (last committed) revision", registry=r)
+        self.wal_bytes = Gauge("kvservice_wal_size_bytes", "Bytes in WAL segments on disk", registry=r)
+        self.wal_segments = Gauge("kvservice_wal_segments", "WAL segment files on disk", registry=r)
+        self.wal_written = Gauge(
+            "kvservice_wal_written_bytes", "Bytes appended to the WAL by this process", registry=r
+        )
+        self.writable = Gauge(
+            "kvservice_writes_accepted", "1 while the node accepts writes, 0 after a disk failure",
+            registry=r,
+        )  # fmt: skip
+        self.snapshot_age = Gauge(
+            "kvservice_snapshot_age_seconds",
+            "Seconds since the newest snapshot was written (since start when there is none)",
+            registry=r,
+        )
+        self.recovery_seconds = Gauge(
+            "kvservice_recovery_duration_seconds", "Time start-up recovery took", registry=r
+        )
+        self.recovery_records = Gauge(
+            "kvservice_recovery_replayed_records", "WAL records replayed at start-up", registry=r
+        )
+        self.started = time.time()
+        self._method_children: dict[tuple[str, str], Any] = {}
+
+    def observe_fsync(self, seconds: float, batch: int) -> None:
+        self.fsync_seconds.observe(seconds)
+        if batch:
+            self.batch_size.observe(batch)
+
+    def observe_recovery(self, recovery: Recovery) -> None:
+        self.recovery_seconds.set(recovery.seconds)
+        self.recovery_records.set(recovery.records_replayed)
+
+    def bind_node(self, node: Node) -> None:
+        """Read gauges from the node at scrape time instead of on every write."""
+        self.keys.set_function(lambda: len(node.store))
+        self.revision.set_function(lambda: node.store.revision)
+        self.wal_written.set_function(lambda: node.wal.stats.bytes_written)
+        self.writable.set_function(lambda: 0 if node.write_failure else 1)
+        self.wal_segments.set_function(node.wal_segments)
+        self.wal_bytes.set_function(lambda: _dir_bytes(node))
+        self.snapshot_age.set_function(
+            lambda: time.time() - (node.last_snapshot_unix or self.started)
+        )
+
+    def record(self, method: str, code: str, seconds: float) -> None:
+        key = (method, code)
+        child = self._method_children.get(key)
+        if child is None:
+            child = (self.requests.labels(method, code), self.latency.labels(method))
+            self._method_children[key] = child
+        child[0].inc()
+        child[1].observe(seconds)
+
+
+def _dir_bytes(node: Node) -> int:
+    total = 0
+    for path in node.wal_dir.glob("*.wal"):
+        try:
+            total += path.stat().st_size
+        except OSError:
+            continue  # deleted by a purge between glob and stat
+    return total
+
+
+class RpcMetricsMiddleware:
+    """Counts and times every RPC under `prefix`, reading the Connect code from the reply."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, prefix: str, *, log_access: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.prefix = prefix
+        self.log_access = log_access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        method = path[len(self.prefix) :] or "?"
+        started = time.perf_counter()
+        status = 0
+        error_body = b""
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status, error_body
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif status != 200 and message["type"] == "http.response.body":
+                error_body += message.get("body", b"")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            code = "ok" if status == 200 else _connect_code(status, error_body)
+            seconds = time.perf_counter() - started
+            self.metrics.record(method, code, seconds)
+            if self.log_access:
+                client = scope.get("client")
+                access_log.info(
+                    "rpc",
+                    extra={
+                        "method": method, "code": code, "status": status,
+                        "ms": round(seconds * 1000, 3), "http_method": scope.get("method"),
+                        "client": f"{client[0]}:{client[1]}" if client else None,
+                    },
+                )  # fmt: skip
+
+
+def _connect_code(status: int, body: bytes) -> str:
+    if status == 0:
+        return "canceled"
+    try:
+        code = json.loads(body).get("code")
+    except (ValueError, AttributeError):
+        code = None
+    return str(code) if code else _STATUS_CODES.get(status, "unknown")

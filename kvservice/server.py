@@ -1,0 +1,53 @@
+"""Running a node under uvicorn, with kvservice's shutdown rules."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from kvservice.app import create_app
+from kvservice.config import Settings
+from kvservice.metrics import Metrics
+from kvservice.node import Node
+from kvservice.storage.recovery import Recovery
+
+log = logging.getLogger("kvservice.server")
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, but any second SIGTERM/SIGINT forces exit, and a signal
+    that led to a clean shutdown is not re-raised (so the exit status is 0)."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            log.warning("second signal: exiting now", extra={"signal": signal.Signals(sig).name})
+            self.force_exit = True
+        else:
+            log.info("shutting down", extra={"signal": signal.Signals(sig).name})
+            self.should_exit = True
+
+
+def serve(settings: Settings, recovery: Recovery) -> None:
+    metrics = Metrics()
+    metrics.observe_recovery(recovery)
+    node = Node(settings, recovery, metrics)
+    config = uvicorn.Config(
+        create_app(node),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
+    )
+    try:
+        Server(config).run()
+    finally:
+        # After a forced exit the lifespan shutdown never ran: still fsync and close.
+        node.close_sync()

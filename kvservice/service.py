@@ -1,0 +1,87 @@
+"""KVStore handlers: call the node, and turn domain errors into Connect errors.
+
+This is the one place where kvservice errors become Connect codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from connectrpc.request import RequestContext
+
+from kvservice.errors import InvalidArgument, KVError, ResourceExhausted, Unavailable
+from kvservice.node import Node
+from kvservice.v1.kv_pb2 import (
+    DeleteRequest,
+    DeleteResponse,
+    GetRequest,
+    GetResponse,
+    SetRequest,
+    SetResponse,
+)
+
+log = logging.getLogger("kvservice.service")
+R = TypeVar("R")
+CODES: dict[type[KVError], Code] = {
+    InvalidArgument: Code.INVALID_ARGUMENT,
+    ResourceExhausted: Code.RESOURCE_EXHAUSTED,
+    Unavailable: Code.UNAVAILABLE,
+}
+
+
+def to_connect_error(exc: KVError) -> ConnectError:
+    for kind, code in CODES.items():
+        if isinstance(exc, kind):
+            return ConnectError(code, str(exc))
+    return ConnectError(Code.INTERNAL, str(exc))
+
+
+def connect_errors(
+    handler: Callable[..., Awaitable[R]],
+) -> Callable[..., Awaitable[R]]:
+    """Map domain errors to Connect codes; log anything else and answer `internal`."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, ctx: RequestContext[Any, Any]) -> R:
+        try:
+            return await handler(self, request, ctx)
+        except ConnectError:
+            raise
+        except KVError as exc:
+            raise to_connect_error(exc) from None
+        except Exception:
+            log.exception("unexpected error", extra={"method": ctx.method().name})
+            raise ConnectError(
+                Code.INTERNAL, "internal error; the server log has the details"
+            ) from None
+
+    return wrapper
+
+
+class KVStoreService:
+    """Implements the generated `KVStore` protocol on top of a Node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @connect_errors
+    async def get(self, request: GetRequest, ctx: RequestContext[Any, Any]) -> GetResponse:
+        found = self.node.get(request.key)
+        if found is None:
+            return GetResponse()
+        value, revision = found
+        return GetResponse(found=True, value=value, revision=revision)
+
+    @connect_errors
+    async def set(self, request: SetRequest, ctx: RequestContext[Any, Any]) -> SetResponse:
+        return SetResponse(revision=await self.node.set(request.key, request.value))
+
+    @connect_errors
+    async def delete(self, request: DeleteRequest, ctx: RequestContext[Any, Any]) -> DeleteResponse:
+        deleted, revision = await self.node.delete(request.key)
+        return DeleteResponse(deleted=deleted, revision=revision)

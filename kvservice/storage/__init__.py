@@ -1,0 +1,1 @@
+"""On-disk state: record codec, write-ahead log, snapshots, recovery and repair."""

@@ -1,0 +1,159 @@
+"""Snapshot files: the whole store at one revision.
+
+A snapshot is `<data-dir>/snap/%016x.snap`, named by its revision, made of
+records (see record.py): one `SnapshotHeader`, then `SnapshotChunk`s of up to
+CHUNK_KEYS keys each, then one `SnapshotTrailer`. It is written to a `.tmp`
+file, fsynced, renamed and the directory fsynced, so a crash leaves either the
+old set of snapshots or the new one. Any damage to a snapshot is therefore
+corruption (never a torn tail), and a damaged snapshot is never loaded.
+
+Background snapshots run in a forked child (as Redis does): the child sees a
+copy-on-write image of the store at one revision and serialises it on the
+other core while the parent keeps serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from kvservice.errors import CorruptRecord, StorageError, TornRecord
+from kvservice.storage import record
+from kvservice.storage.files import fsync_dir
+from kvservice.v1.log_pb2 import SnapshotChunk, SnapshotHeader, SnapshotTrailer
+
+SNAPSHOT_SUFFIX = ".snap"
+CHUNK_KEYS = 4096
+# How many snapshots to keep: the newest, and one to fall back on if it is damaged.
+KEEP_SNAPSHOTS = 2
+
+
+def snapshot_name(revision: int) -> str:
+    return f"{revision:016x}{SNAPSHOT_SUFFIX}"
+
+
+def list_snapshots(snap_dir: Path) -> list[tuple[int, Path]]:
+    """(revision, path) of every snapshot, newest first."""
+    found = []
+    for path in snap_dir.glob(f"*{SNAPSHOT_SUFFIX}"):
+        with contextlib.suppress(ValueError):
+            found.append((int(path.name.removesuffix(SNAPSHOT_SUFFIX), 16), path))
+    return sorted(found, reverse=True)
+
+
+def encode_snapshot(data: dict[str, bytes], revision: int) -> Iterator[bytes]:
+    """Yield the records of a snapshot of `data` (revision-prefixed values)."""
+    header = SnapshotHeader(
+        revision=revision, key_count=len(data), created_unix_ms=int(time.time() * 1000)
+    )
+    yield record.encode(header.SerializeToString())
+    keys = list(data)
+    for start in range(0, len(keys), CHUNK_KEYS):
+        chunk_keys = keys[start : start + CHUNK_KEYS]
+        chunk = SnapshotChunk(keys=chunk_keys, revisioned_values=[data[k] for k in chunk_keys])
+        yield record.encode(chunk.SerializeToString())
+    yield record.encode(SnapshotTrailer(key_count=len(data)).SerializeToString())
+
+
+def write_snapshot(snap_dir: Path, data: dict[str, bytes], revision: int) -> Path:
+    """Write a snapshot durably; return its path."""
+    path = snap_dir / snapshot_name(revision)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as out:
+        for chunk in encode_snapshot(data, revision):
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(snap_dir)
+    return path
+
+
+@dataclass
+class LoadedSnapshot:
+    revision: int
+    items: list[tuple[str, bytes]]
+    path: Path
+
+
+def load_snapshot(path: Path) -> LoadedSnapshot:
+    """Read and verify a snapshot; raise CorruptRecord naming file and offset on damage."""
+    buf = path.read_bytes()
+    name = str(path)
+    items: list[tuple[str, bytes]] = []
+    header: SnapshotHeader | None = None
+    trailer: SnapshotTrailer | None = None
+    offset = 0
+    try:
+        for offset, payload in record.scan(buf, name):
+            if trailer is not None:
+                raise CorruptRecord(name, offset, "data after the snapshot trailer")
+            if header is None:
+                header = SnapshotHeader.FromString(payload)
+            elif len(items) == header.key_count:
+                trailer = SnapshotTrailer.FromString(payload)
+            else:
+                chunk = SnapshotChunk.FromString(payload)
+                if len(chunk.keys) != len(chunk.revisioned_values):
+                    raise CorruptRecord(name, offset, "chunk with unequal key and value counts")
+                items.extend(zip(chunk.keys, chunk.revisioned_values, strict=True))
+    except TornRecord as exc:
+        raise CorruptRecord(name, exc.offset, exc.reason) from exc
+    except DecodeError as exc:
+        raise CorruptRecord(name, offset, f"undecodable record ({exc})") from exc
+    if header is None or trailer is None:
+        raise CorruptRecord(name, len(buf), "snapshot ends before its trailer")
+    if trailer.key_count != len(items) or header.key_count != len(items):
+        raise CorruptRecord(name, offset, f"key count {len(items)} != {header.key_count}")
+    expected = snapshot_name(header.revision)
+    if path.name != expected:
+        raise StorageError(f"{name}: header revision {header.revision} belongs in {expected}")
+    return LoadedSnapshot(revision=header.revision, items=items, path=path)
+
+
+def fork_snapshot(snap_dir: Path, data: dict[str, bytes], revision: int) -> int:
+    """Fork a child that writes a snapshot of `data` and exits; return its pid.
+
+    The child exits 0 on success and 1 on failure; it never returns here, runs
+    no event loop and takes no locks, so inherited threads cannot hang it.
+    """
+    pid = os.fork()
+    if pid != 0:
+        return pid
+    code = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        _die_with_parent()
+        write_snapshot(snap_dir, data, revision)
+        code = 0
+    except BaseException:  # the child must reach os._exit whatever happens
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this child if the parent dies (best effort elsewhere)."""
+    with contextlib.suppress(Exception):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def prune_snapshots(snap_dir: Path, keep: int = KEEP_SNAPSHOTS) -> int:
+    """Delete all but the newest `keep` snapshots; return the oldest revision kept."""
+    snaps = list_snapshots(snap_dir)
+    for _, path in snaps[keep:]:
+        path.unlink()
+    if len(snaps) > keep:
+        fsync_dir(snap_dir)
+    kept = snaps[:keep]
+    return kept[-1][0] if kept else 0

@@ -1,0 +1,298 @@
+"""Write-ahead log: segment files, the fsync policies and group commit.
+
+Segments live in `<data-dir>/wal/` and are named `%016x.wal` after the
+revision of their first record. Each holds back-to-back records (see
+record.py) whose payload is a `LogEntry`; revisions are consecutive across
+all segments. The active (last) segment is appended to until it passes
+`segment_bytes`, then a new one is created tmp -> fsync -> rename -> fsync dir.
+
+Durability per policy, before a write is acknowledged:
+- `always`: the record is fsynced. Group commit: one fsync (on a dedicated
+  thread, never on the event loop) covers every record written before it
+  started; writes arriving meanwhile wait for the next one.
+- `everysec`: the record is written to the OS; a timer fsyncs once a second.
+- `no`: the record is written to the OS, which flushes when it likes.
+
+A failed write or fsync is never retried: after an fsync error the kernel
+may have dropped the dirty pages, so a later "successful" fsync proves
+nothing. The log enters a failed state and refuses every later append
+(fail-stop); reads of the in-memory state carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from kvservice.errors import Unavailable
+from kvservice.storage import record
+from kvservice.storage.files import fsync_dir
+
+FsyncPolicy = Literal["always", "everysec", "no"]
+SEGMENT_SUFFIX = ".wal"
+log = logging.getLogger("kvservice.wal")
+
+
+def segment_name(first_revision: int) -> str:
+    return f"{first_revision:016x}{SEGMENT_SUFFIX}"
+
+
+def segment_revision(path: Path) -> int:
+    """First revision named by a segment file (ValueError for foreign names)."""
+    return int(path.name.removesuffix(SEGMENT_SUFFIX), 16)
+
+
+def list_segments(wal_dir: Path) -> list[Path]:
+    """Segments in revision order; files with other names are ignored."""
+    found = []
+    for path in wal_dir.glob(f"*{SEGMENT_SUFFIX}"):
+        with contextlib.suppress(ValueError):
+            found.append((segment_revision(path), path))
+    return [path for _, path in sorted(found)]
+
+
+def create_segment(wal_dir: Path, first_revision: int) -> Path:
+    """Create an empty segment durably (tmp -> fsync -> rename -> fsync dir)."""
+    path = wal_dir / segment_name(first_revision)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(wal_dir)
+    return path
+
+
+@dataclass
+class WalStats:
+    """Counters read by metrics and the snapshot trigger."""
+
+    bytes_written: int = 0
+    fsyncs: int = 0
+    last_fsync_seconds: float = 0.0
+    last_batch_size: int = 0
+
+
+class Wal:
+    """Appends records to the active segment and makes them durable per policy."""
+
+    def __init__(
+        self,
+        wal_dir: Path,
+        *,
+        policy: FsyncPolicy,
+        segment_bytes: int,
+        active_segment: Path,
+        on_fsync: Callable[[float, int], None] | None = None,
+    ) -> None:
+        self.dir = wal_dir
+        self.policy = policy
+        self.segment_bytes = segment_bytes
+        self.stats = WalStats()
+        self.failure: str | None = None
+        self._on_fsync = on_fsync
+        self._active_path = active_segment
+        self._fd = os.open(active_segment, os.O_WRONLY | os.O_APPEND)
+        self._size = os.fstat(self._fd).st_size
+        # Retired segments whose data may not be on disk yet: fsynced, then closed.
+        self._retired: list[int] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        # The group being fsynced right now (kept so close() can settle it).
+        self._batch: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._dirty = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvservice-fsync")
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def active_segment(self) -> Path:
+        return self._active_path
+
+    def start(self) -> None:
+        """Start the background flusher (group commit or the once-a-second timer)."""
+        if self.policy == "always":
+            self._task = asyncio.create_task(self._group_commit_loop(), name="wal-group-commit")
+        elif self.policy == "everysec":
+            self._task = asyncio.create_task(self._everysec_loop(), name="wal-everysec")
+
+    def append(self, payload: bytes, revision: int) -> None:
+        """Write one record to the OS. Raises Unavailable once the log has failed."""
+        if self.failure is not None:
+            raise Unavailable(self.failure)
+        data = record.encode(payload)
+        if self._size >= self.segment_bytes:
+            self._rotate(revision)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self._cut_partial_record()
+            self._fail(f"the disk refused a WAL write ({exc})")
+            raise Unavailable(self.failure) from exc
+        self._size += len(data)
+        self.stats.bytes_written += len(data)
+        self._dirty = True
+
+    async def sync(self) -> None:
+        """Return once every record appended so far is durable per the policy."""
+        if self.failure is not None:
+            raise Unavailable(self.failure)
+        if self.policy != "always":
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        self._wake.set()
+        await future
+
+    async def close(self) -> None:
+        """Flush and fsync everything, stop the flusher and close the files."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.failure is None:
+            try:
+                await self._flush()
+            except OSError as exc:
+                self._fail(f"fsync failed at shutdown ({exc})")
+        self._settle_waiters()
+        self._close_files()
+        self._executor.shutdown(wait=True)
+
+    def close_sync(self) -> None:
+        """Close without an event loop (tools and tests); fsyncs unless failed."""
+        if self.failure is None:
+            self._fsync_fds(self._take_retired(), self._fd)
+        self._close_files()
+        self._executor.shutdown(wait=True)
+
+    # -- internals ---------------------------------------------------------
+
+    def _rotate(self, first_revision: int) -> None:
+        try:
+            path = create_segment(self.dir, first_revision)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            self._fail(f"could not create WAL segment ({exc})")
+            raise Unavailable(self.failure) from exc
+        if self.policy == "no":
+            os.close(self._fd)
+        else:
+            self._retired.append(self._fd)
+        self._fd, self._active_path, self._size = fd, path, 0
+        log.info("wal segment rotated", extra={"segment": path.name})
+
+    def _cut_partial_record(self) -> None:
+        """After a failed write, remove whatever part of the record reached the file."""
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._size)
+
+    def _take_retired(self) -> list[int]:
+        retired, self._retired = self._retired, []
+        return retired
+
+    @staticmethod
+    def _fsync_fds(retired: list[int], active: int) -> None:
+        """Runs on the fsync thread: retired segments (then closed), then the active one."""
+        for fd in retired:
+            os.fsync(fd)
+            os.close(fd)
+        os.fdatasync(active)
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._dirty = False
+        # Taken on the loop thread so a rotation during the fsync is never lost.
+        retired = self._take_retired()
+        await loop.run_in_executor(self._executor, self._fsync_fds, retired, self._fd)
+        elapsed = loop.time() - started
+        self.stats.fsyncs += 1
+        self.stats.last_fsync_seconds = elapsed
+        if self._on_fsync is not None:
+            self._on_fsync(elapsed, self.stats.last_batch_size)
+
+    async def _group_commit_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._waiters:
+                continue
+            # Every waiter taken here appended before this fsync starts, so one
+            # fsync covers them all; later arrivals wait for the next round.
+            self._batch, self._waiters = self._waiters, []
+            self.stats.last_batch_size = len(self._batch)
+            try:
+                await self._flush()
+            except OSError as exc:
+                self._fail(f"fsync of the WAL failed ({exc})")
+                self._settle_waiters()
+                return
+            batch, self._batch = self._batch, []
+            for future in batch:
+                if not future.done():
+                    future.set_result(None)
+
+    async def _everysec_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if not self._dirty and not self._retired:
+                continue
+            self.stats.last_batch_size = 0
+            try:
+                await self._flush()
+            except OSError as exc:
+                self._fail(f"fsync of the WAL failed ({exc})")
+                return
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = f"{reason}; this node no longer accepts writes (see docs/runbook.md)"
+            log.critical("wal failed: node is now read-only", extra={"reason": reason})
+
+    def _settle_waiters(self) -> None:
+        """Wake every waiter: success if all is fsynced, else the failure."""
+        waiters = self._batch + self._waiters
+        self._batch, self._waiters = [], []
+        for future in waiters:
+            if future.done():
+                continue
+            if self.failure is None:
+                future.set_result(None)
+            else:
+                future.set_exception(Unavailable(self.failure))
+
+    def _close_files(self) -> None:
+        for fd in [*self._retired, self._fd]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._retired = []
+
+
+def purge_segments(wal_dir: Path, covered_revision: int) -> list[Path]:
+    """Delete segments whose records are all <= covered_revision; never the last one.
+
+    A segment is wholly covered when the next segment starts at or before
+    covered_revision + 1.
+    """
+    segments = list_segments(wal_dir)
+    removed = []
+    for current, following in zip(segments, segments[1:], strict=False):
+        if segment_revision(following) > covered_revision + 1:
+            break
+        current.unlink()
+        removed.append(current)
+    if removed:
+        fsync_dir(wal_dir)
+    return removed
