@@ -1,0 +1,137 @@
+"""Real kvservice server processes on free loopback ports with temporary data dirs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvservice.v1.kv_connect import KVStoreClientSync
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """One `kvservice serve` child process; stop it with stop() or kill()."""
+
+    data_dir: Path
+    port: int
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "kvservice", "serve",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--data-dir", str(self.data_dir), *self.args,
+        ]  # fmt: skip
+
+    def start(self, *, wait: bool = True, timeout: float = 20.0) -> ServerProcess:
+        self.log_path = self.data_dir.parent / f"server-{self.port}-{time.monotonic_ns()}.log"
+        env = {**os.environ, **self.env}
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+            )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Wait until /healthz answers; fail with the server log if the process dies."""
+        deadline = time.monotonic() + timeout
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server not up after {timeout}s:\n{self.log()}")
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; return the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def client(self, *, proto_json: bool = True) -> KVStoreClientSync:
+        return KVStoreClientSync(self.url, proto_json=proto_json, timeout_ms=10_000)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `kvservice ARGS...` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvservice", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
+    """Factory: make_server(*args, data_dir=None, env=None) -> unstarted ServerProcess.
+
+    Every process it made is killed at teardown, by PID.
+    """
+    made: list[ServerProcess] = []
+
+    def factory(*args: str, data_dir: Path | None = None, env: dict[str, str] | None = None,
+                port: int | None = None) -> ServerProcess:  # fmt: skip
+        server = ServerProcess(
+            data_dir=data_dir or tmp_path / "data", port=port or free_port(),
+            args=list(args), env=env or {},
+        )  # fmt: skip
+        made.append(server)
+        return server
+
+    yield factory
+    for server in made:
+        if server.proc is not None and server.proc.poll() is None:
+            server.kill()
+
+
+@pytest.fixture
+def server(make_server) -> ServerProcess:  # type: ignore[no-untyped-def]
+    """A started node with fsync=always in a fresh data dir."""
+    return make_server().start()
