@@ -9,6 +9,9 @@ BUF    := node_modules/.bin/buf
 # buf runs the local plugins (protoc-gen-connect-python, python -m grpc_tools.protoc) from the venv.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
+# Directories of generated code (committed, never edited by hand).
+GENERATED := kvservice/v1 kvservice/health/v1
+
 HOST     ?= 127.0.0.1
 PORT     ?= 8080
 DATA_DIR ?= ./data
@@ -55,9 +58,10 @@ generate: setup
 check-generate: setup
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
 	  $(BUF) generate -o "$$tmp" && \
-	  diff -r "$$tmp/kvservice/v1" kvservice/v1 -x __pycache__ -x __init__.py && \
-	  echo "generated code is up to date" || \
-	  { echo "generated code is stale: run 'make generate' and commit"; exit 1; }
+	  stale=0 && for d in $(GENERATED); do \
+	    diff -r -x __pycache__ -x __init__.py "$$tmp/$$d" "$$d" || stale=1; done && \
+	  if [ $$stale = 1 ]; then echo "generated code is stale: run 'make generate' and commit"; exit 1; fi && \
+	  echo "generated code is up to date"
 
 bench: setup
 	$(PY) -m bench.run

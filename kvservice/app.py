@@ -14,6 +14,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from kvservice import codec
+from kvservice.health.v1.health_connect import HealthASGIApplication
+from kvservice.healthcheck import HealthService
 from kvservice.metrics import RpcMetricsMiddleware
 from kvservice.service import KVStoreService
 from kvservice.v1 import kv_pb2
@@ -75,6 +77,7 @@ def create_app(node: Node) -> Starlette:
     settings = node.settings
     max_body = settings.max_value_bytes * 4 // 3 + REQUEST_OVERHEAD_BYTES
     kv = KVStoreASGIApplication(KVStoreService(node), read_max_bytes=max_body)
+    health = HealthASGIApplication(HealthService(lambda: readiness(node)[0]))
     rpc: ASGIApp = RpcMetricsMiddleware(
         RequestGuard(kv, max_body), node.metrics, kv.path + "/", log_access=settings.access_log
     )
@@ -103,6 +106,7 @@ def create_app(node: Node) -> Starlette:
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             Mount(kv.path, app=rpc),
+            Mount(health.path, app=health),
         ],
         lifespan=lifespan,
     )
