@@ -12,6 +12,10 @@ from typing import Any, get_args
 from kvservice import __version__, logs
 from kvservice.config import ConfigError, Settings, load, shown_value, sources
 from kvservice.errors import StorageError
+from kvservice.server import serve
+from kvservice.storage import repair
+from kvservice.storage.files import DataDirLocked, lock_data_dir
+from kvservice.storage.recovery import recover
 
 # Named exit codes (documented in the README).
 EXIT_OK = 0
@@ -32,7 +36,8 @@ def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
                                 default=None, help=field.description)  # fmt: skip
         else:
             parser.add_argument(
-                flag, dest=name, default=None, help=f"{field.description} (default: {field.default})",
+                flag, dest=name, default=None,
+                help=f"{field.description} (default: {field.default})",
                 choices=choices if choices and all(isinstance(c, str) for c in choices) else None,
             )  # fmt: skip
 
@@ -80,8 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "wal":
-        from kvservice.storage import repair
-
         if args.wal_command == "check":
             return repair.check(settings.data_dir)
         return repair.repair(settings.data_dir)
@@ -89,10 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from kvservice.server import serve
-    from kvservice.storage.files import DataDirLocked, lock_data_dir
-    from kvservice.storage.recovery import recover
-
     log.info("starting", extra={"version": __version__, **_summary(settings)})
     try:
         lock = lock_data_dir(settings.data_dir)

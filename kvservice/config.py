@@ -131,9 +131,7 @@ def describe_validation_error(exc: ValidationError, flags: Mapping[str, Any]) ->
             allowed = ", ".join(n for n in Settings.model_fields if n != "config")
             lines.append(f"unknown setting '{name}' ({where}); known settings: {allowed}")
             continue
-        lines.append(
-            f"invalid setting '{name}' = {error.get('input')!r} ({where}): {error['msg']}"
-        )
+        lines.append(f"invalid setting '{name}' = {error.get('input')!r} ({where}): {error['msg']}")
     return "; ".join(lines)
 
 

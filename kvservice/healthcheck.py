@@ -12,8 +12,9 @@ from connectrpc.request import RequestContext
 
 from kvservice.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
-SERVING = HealthCheckResponse.SERVING
-NOT_SERVING = HealthCheckResponse.NOT_SERVING
+ServingStatus = HealthCheckResponse.ServingStatus
+SERVING = ServingStatus.SERVING
+NOT_SERVING = ServingStatus.NOT_SERVING
 # "" is the whole server; the KV service is the only one that can be unhealthy.
 KNOWN_SERVICES = frozenset({"", "kvservice.v1.KVStore"})
 WATCH_POLL_SECONDS = 1.0
@@ -25,7 +26,7 @@ class HealthService:
     def __init__(self, is_ready: Callable[[], bool]) -> None:
         self.is_ready = is_ready
 
-    def _status(self, request: HealthCheckRequest) -> HealthCheckResponse.ServingStatus.ValueType:
+    def _status(self, request: HealthCheckRequest) -> ServingStatus:
         if request.service not in KNOWN_SERVICES:
             raise ConnectError(Code.NOT_FOUND, f"unknown service {request.service!r}")
         return SERVING if self.is_ready() else NOT_SERVING

@@ -76,7 +76,9 @@ class Metrics:
         )
         self.keys = Gauge("kvservice_keys", "Keys in the store", registry=r)
         self.revision = Gauge("kvservice_revision", "Current (last committed) revision", registry=r)
-        self.wal_bytes = Gauge("kvservice_wal_size_bytes", "Bytes in WAL segments on disk", registry=r)
+        self.wal_bytes = Gauge(
+            "kvservice_wal_size_bytes", "Bytes in WAL segments on disk", registry=r
+        )
         self.wal_segments = Gauge("kvservice_wal_segments", "WAL segment files on disk", registry=r)
         self.wal_written = Gauge(
             "kvservice_wal_written_bytes", "Bytes appended to the WAL by this process", registry=r

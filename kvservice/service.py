@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from connectrpc.code import Code
@@ -26,7 +26,10 @@ from kvservice.v1.kv_pb2 import (
 )
 
 log = logging.getLogger("kvservice.service")
+S = TypeVar("S")
+Req = TypeVar("Req")
 R = TypeVar("R")
+Handler = Callable[[S, Req, RequestContext[Any, Any]], Coroutine[Any, Any, R]]
 CODES: dict[type[KVError], Code] = {
     InvalidArgument: Code.INVALID_ARGUMENT,
     ResourceExhausted: Code.RESOURCE_EXHAUSTED,
@@ -41,13 +44,11 @@ def to_connect_error(exc: KVError) -> ConnectError:
     return ConnectError(Code.INTERNAL, str(exc))
 
 
-def connect_errors(
-    handler: Callable[..., Awaitable[R]],
-) -> Callable[..., Awaitable[R]]:
+def connect_errors(handler: Handler[S, Req, R]) -> Handler[S, Req, R]:
     """Map domain errors to Connect codes; log anything else and answer `internal`."""
 
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Any, ctx: RequestContext[Any, Any]) -> R:
+    async def wrapper(self: S, request: Req, ctx: RequestContext[Any, Any]) -> R:
         try:
             return await handler(self, request, ctx)
         except ConnectError:

@@ -66,7 +66,8 @@ def scan(buf: bytes, path: str = "<buffer>") -> Iterator[tuple[int, bytes]]:
     while offset < end:
         remaining = end - offset
         if remaining < HEADER_SIZE:
-            raise TornRecord(path, offset, f"incomplete header ({remaining} of {HEADER_SIZE} bytes)")
+            reason = f"incomplete header ({remaining} of {HEADER_SIZE} bytes)"
+            raise TornRecord(path, offset, reason)
         length, payload_crc, header_crc = HEADER.unpack_from(buf, offset)
         if crc32c(buf[offset : offset + 8]) != header_crc:
             if not buf[offset:].strip(b"\0"):

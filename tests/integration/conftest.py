@@ -99,10 +99,12 @@ class ServerProcess:
         return KVStoreClientSync(self.url, proto_json=proto_json, timeout_ms=10_000)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run `kvservice ARGS...` to completion."""
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `kvservice ARGS...` to completion (the caller checks the exit code)."""
     return subprocess.run(
-        [sys.executable, "-m", "kvservice", *args],
+        [sys.executable, "-m", "kvservice", *args], check=False,
         capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env={**os.environ, **(env or {})},
     )  # fmt: skip

@@ -1,0 +1,111 @@
+"""Snapshots: exact round trip, damage never loaded, WAL purged behind them."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvservice.engine import REVISION
+from kvservice.errors import CorruptRecord, StorageError
+from kvservice.storage.recovery import recover
+from kvservice.storage.snapshot import (
+    CHUNK_KEYS,
+    list_snapshots,
+    load_snapshot,
+    write_snapshot,
+)
+from kvservice.storage.wal import list_segments
+from tests.nodes import open_node
+
+stored = st.dictionaries(
+    st.text(min_size=1, max_size=20),
+    st.tuples(st.integers(min_value=1, max_value=2**63), st.binary(max_size=50)).map(
+        lambda rv: REVISION.pack(rv[0]) + rv[1]
+    ),
+    max_size=50,
+)
+
+
+@settings(max_examples=30)
+@given(stored)
+def test_round_trip(tmp_path_factory: pytest.TempPathFactory, data: dict[str, bytes]) -> None:
+    snap_dir = tmp_path_factory.mktemp("snap")
+    path = write_snapshot(snap_dir, data, 77)
+    loaded = load_snapshot(path)
+    assert loaded.revision == 77
+    assert dict(loaded.items) == data
+
+
+def test_many_chunks(tmp_path: Path) -> None:
+    data = {f"k{i}": REVISION.pack(i + 1) + b"v" for i in range(CHUNK_KEYS * 2 + 5)}
+    assert dict(load_snapshot(write_snapshot(tmp_path, data, 9)).items) == data
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "append"])
+def test_any_damage_is_corruption(tmp_path: Path, damage: str) -> None:
+    """A snapshot is written atomically, so even a short file is corruption, never 'torn'."""
+    data = {f"k{i}": REVISION.pack(1) + b"value" for i in range(100)}
+    path = write_snapshot(tmp_path, data, 1)
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x40
+    elif damage == "truncate":
+        del raw[-7:]
+    else:
+        raw += b"\x01\x02\x03"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptRecord) as info:
+        load_snapshot(path)
+    assert str(path) in str(info.value)
+
+
+def test_misnamed_snapshot_is_refused(tmp_path: Path) -> None:
+    path = write_snapshot(tmp_path, {}, 5)
+    wrong = path.with_name(f"{6:016x}.snap")
+    path.rename(wrong)
+    with pytest.raises(StorageError, match="belongs in"):
+        load_snapshot(wrong)
+
+
+async def _fill(data_dir: Path, count: int, **settings: object) -> None:
+    node = open_node(data_dir, **settings)
+    node.start()
+    for i in range(count):
+        await node.set(f"key{i % 50}", f"value{i}".encode())
+    if node._snapshot_task is not None:
+        await node._snapshot_task
+    await node.close()
+
+
+def test_background_snapshots_purge_the_wal(tmp_path: Path) -> None:
+    """Past the threshold a snapshot is forked; covered segments are deleted; state survives."""
+    asyncio.run(_fill(tmp_path, 600, wal_segment_bytes=4096, snapshot_threshold_bytes=8192))
+    snaps = list_snapshots(tmp_path / "snap")
+    assert 1 <= len(snaps) <= 2
+    segments = list_segments(tmp_path / "wal")
+    assert int(segments[0].name[:16], 16) > 1  # the oldest segments are gone
+    result = recover(tmp_path)
+    assert result.snapshot_revision == snaps[0][0]
+    assert result.store.revision == 600
+    assert result.store.get("key49") == (b"value599", 600)
+
+
+def test_damaged_newest_snapshot_is_skipped_not_loaded(tmp_path: Path) -> None:
+    """The older snapshot plus a longer replay gives the same state, and the damage is reported."""
+    asyncio.run(_fill(tmp_path, 600, wal_segment_bytes=4096, snapshot_threshold_bytes=8192))
+    snaps = list_snapshots(tmp_path / "snap")
+    assert len(snaps) == 2
+    newest = snaps[0][1]
+    raw = bytearray(newest.read_bytes())
+    raw[30] ^= 0xFF
+    newest.write_bytes(bytes(raw))
+    result = recover(tmp_path)
+    assert result.snapshot_revision == snaps[1][0]
+    assert result.damaged_snapshots
+    assert str(newest) in result.damaged_snapshots[0]
+    assert result.store.revision == 600
+    assert result.store.get("key49") == (b"value599", 600)

@@ -1,0 +1,143 @@
+"""WAL: group commit, fsync policies, rotation and fail-stop on disk errors."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from kvservice.errors import Unavailable
+from kvservice.storage.recovery import recover
+from kvservice.storage.wal import list_segments, purge_segments, segment_revision
+from tests.nodes import open_node
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+async def _burst(data_dir: Path, writers: int, **settings) -> tuple[list[int], int]:  # type: ignore[no-untyped-def]
+    node = open_node(data_dir, **settings)
+    node.start()
+    revisions = await asyncio.gather(*(node.set(f"k{i}", b"v") for i in range(writers)))
+    fsyncs = node.wal.stats.fsyncs
+    await node.close()
+    return list(revisions), fsyncs
+
+
+def test_group_commit_shares_fsyncs(tmp_path: Path) -> None:
+    """64 concurrent writes at fsync=always are acknowledged after far fewer than 64 fsyncs."""
+    revisions, fsyncs = run(_burst(tmp_path, 64, fsync="always"))
+    assert sorted(revisions) == list(range(1, 65))
+    assert 1 <= fsyncs <= 8  # one for the first writer, one for those that queued behind it
+    assert len(recover(tmp_path).store) == 64
+
+
+@pytest.mark.parametrize("policy", ["everysec", "no"])
+def test_other_policies_ack_without_fsync(tmp_path: Path, policy: str) -> None:
+    """everysec and no acknowledge after the OS write; the data is still recovered."""
+    revisions, fsyncs = run(_burst(tmp_path, 20, fsync=policy))
+    assert sorted(revisions) == list(range(1, 21))
+    assert fsyncs <= 1  # at most the fsync of a graceful close
+    assert recover(tmp_path).store.revision == 20
+
+
+def test_everysec_fsyncs_within_a_second_or_so(tmp_path: Path) -> None:
+    async def scenario() -> int:
+        node = open_node(tmp_path, fsync="everysec")
+        node.start()
+        await node.set("k", b"v")
+        await asyncio.sleep(1.5)
+        fsyncs = node.wal.stats.fsyncs
+        await node.close()
+        return fsyncs
+
+    assert run(scenario()) >= 1
+
+
+def test_failed_fsync_fails_writes_but_not_reads(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """After an fsync error every write is refused (fail-stop); reads keep working."""
+
+    async def scenario() -> None:
+        node = open_node(tmp_path, fsync="always")
+        node.start()
+        assert await node.set("before", b"1") == 1
+
+        def broken(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "fdatasync", broken)
+        with pytest.raises(Unavailable, match="fsync of the WAL failed"):
+            await node.set("during", b"2")
+        monkeypatch.undo()
+        # Even with a healthy fsync again, the node never pretends: still refused.
+        with pytest.raises(Unavailable, match="no longer accepts writes"):
+            await node.set("after", b"3")
+        with pytest.raises(Unavailable):
+            await node.delete("before")
+        assert node.get("before") == (b"1", 1)
+        await node.close()
+
+    run(scenario())
+    assert recover(tmp_path).store.get("before") == (b"1", 1)
+
+
+def test_refused_write_leaves_no_partial_record(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A write cut short by ENOSPC is removed from the file and nothing is applied."""
+    real_write = os.write
+
+    async def scenario() -> None:
+        node = open_node(tmp_path, fsync="always")
+        node.start()
+        await node.set("a", b"1")
+
+        def half_then_full(fd: int, data) -> int:  # type: ignore[no-untyped-def]
+            if len(data) > 5:
+                return real_write(fd, bytes(data[:5]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "write", half_then_full)
+        with pytest.raises(Unavailable, match="disk refused"):
+            await node.set("b", b"2")
+        monkeypatch.undo()
+        assert node.get("b") is None
+        assert node.store.revision == 1
+        await node.close()
+
+    run(scenario())
+    result = recover(tmp_path)
+    assert result.torn_tail is None  # the partial record was cut, not left behind
+    assert result.store.revision == 1
+
+
+def test_segments_rotate_and_are_named_by_first_revision(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        node = open_node(tmp_path, fsync="always", wal_segment_bytes=4096)
+        node.start()
+        for i in range(200):
+            await node.set(f"key{i}", b"x" * 100)
+        await node.close()
+
+    run(scenario())
+    segments = list_segments(tmp_path / "wal")
+    assert len(segments) > 3
+    assert segment_revision(segments[0]) == 1
+    result = recover(tmp_path)
+    assert result.store.revision == 200
+    firsts = [segment_revision(p) for p in segments]
+    assert firsts == sorted(firsts)
+
+
+def test_purge_keeps_segments_still_needed(tmp_path: Path) -> None:
+    """Only segments wholly covered by a revision go, and never the last one."""
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    for first in (1, 11, 21):
+        (wal / f"{first:016x}.wal").write_bytes(b"")
+    assert [p.name for p in purge_segments(wal, 10)] == [f"{1:016x}.wal"]
+    assert purge_segments(wal, 15) == []  # segment 11.. holds 15 < x <= 20 too
+    assert [p.name for p in purge_segments(wal, 1000)] == [f"{11:016x}.wal"]
+    assert [p.name for p in list_segments(wal)] == [f"{21:016x}.wal"]
