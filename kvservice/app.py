@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -101,6 +103,7 @@ def create_app(node: Node) -> Starlette:
             await node.close()
 
     return Starlette(
+        middleware=_cors(settings.cors_origins),
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
@@ -110,6 +113,26 @@ def create_app(node: Node) -> Starlette:
         ],
         lifespan=lifespan,
     )
+
+
+def _cors(origins: tuple[str, ...]) -> list[Middleware]:
+    """CORS for browser clients, with the headers the Connect protocol uses."""
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=[
+                "Content-Type", "Connect-Protocol-Version", "Connect-Timeout-Ms",
+                "Connect-Accept-Encoding", "Connect-Content-Encoding", "Authorization",
+                "X-User-Agent", "X-Grpc-Web", "Grpc-Timeout",
+            ],
+            expose_headers=["Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin"],
+            max_age=7200,
+        )
+    ]  # fmt: skip
 
 
 def readiness(node: Node) -> tuple[bool, dict[str, Any]]:

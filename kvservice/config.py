@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -17,6 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -62,6 +63,16 @@ class Settings(BaseSettings):
     shutdown_timeout_seconds: float = Field(
         10.0, gt=0, le=3600, description="how long in-flight requests may run after SIGTERM"
     )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="browser origins allowed to call the API, comma-separated; * for any"
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(o.strip() for o in value.split(",") if o.strip())
+        return value
 
     @field_validator("fsync", mode="before")
     @classmethod

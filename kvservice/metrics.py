@@ -15,6 +15,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 
 if TYPE_CHECKING:
@@ -47,6 +48,9 @@ class Metrics:
     """Every metric kvservice exports, registered in its own registry."""
 
     def __init__(self) -> None:
+        # The *_created series double the output and no alert or dashboard here uses them.
+        # (prometheus-client only offers this switch process-wide.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
