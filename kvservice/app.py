@@ -13,7 +13,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Route
 
 from kvservice import codec
 from kvservice.health.v1.health_connect import HealthASGIApplication
@@ -56,13 +56,39 @@ class RequestGuard:
                 await _connect_error(send, 405, "unimplemented", "this method needs HTTP POST")
                 return
             for name, value in scope["headers"]:
-                if name == b"content-length" and int(value or 0) > self.max_body_bytes:
-                    await _connect_error(
-                        send, 429, "resource_exhausted",
-                        f"request body is {int(value)} bytes; the limit is "
-                        f"{self.max_body_bytes} (max_value_bytes + {REQUEST_OVERHEAD_BYTES})",
-                    )  # fmt: skip
-                    return
+                # httptools has already rejected a non-numeric Content-Length.
+                if name == b"content-length" and value.isdigit():
+                    size = int(value)
+                    if size > self.max_body_bytes:
+                        await _connect_error(
+                            send, 429, "resource_exhausted",
+                            f"request body is {size} bytes; the limit is {self.max_body_bytes}"
+                            f" (max_value_bytes x 4/3 + {REQUEST_OVERHEAD_BYTES})",
+                        )  # fmt: skip
+                        return
+        await self.app(scope, receive, send)
+
+
+class ConnectMounts:
+    """Hands Connect RPC paths (`/<package.Service>/<Method>`) straight to their service.
+
+    It runs as a Starlette middleware, ahead of Starlette's exception
+    middleware and router, which do nothing for a Connect app (it answers its
+    own errors) but cost a sixth of a small request's time.
+    """
+
+    def __init__(self, app: ASGIApp, mounts: dict[str, ASGIApp]) -> None:
+        self.app = app
+        self.mounts = mounts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            end = path.find("/", 1)
+            target = self.mounts.get(path[:end]) if end > 0 else None
+            if target is not None:
+                await target(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
@@ -102,14 +128,16 @@ def create_app(node: Node) -> Starlette:
         finally:
             await node.close()
 
+    connect_mounts: dict[str, ASGIApp] = {kv.path: rpc, health.path: health}
     return Starlette(
-        middleware=_cors(settings.cors_origins),
+        middleware=[
+            *_cors(settings.cors_origins),
+            Middleware(ConnectMounts, mounts=connect_mounts),
+        ],
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
-            Mount(kv.path, app=rpc),
-            Mount(health.path, app=health),
         ],
         lifespan=lifespan,
     )

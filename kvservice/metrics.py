@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -17,6 +20,8 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, MutableMapping
@@ -55,14 +60,8 @@ class Metrics:
         r = self.registry
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
-        self.requests = Counter(
-            "kvservice_rpc_requests", "RPCs served, by method and Connect code",
-            ["method", "code"], registry=r,
-        )  # fmt: skip
-        self.latency = Histogram(
-            "kvservice_rpc_duration_seconds", "Time to serve an RPC, by method",
-            ["method"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+        self.rpcs = RpcStats()
+        r.register(self.rpcs)
         self.fsync_seconds = Histogram(
             "kvservice_wal_fsync_duration_seconds", "Time of one WAL fsync",
             buckets=LATENCY_BUCKETS, registry=r,
@@ -103,7 +102,6 @@ class Metrics:
             "kvservice_recovery_replayed_records", "WAL records replayed at start-up", registry=r
         )
         self.started = time.time()
-        self._method_children: dict[tuple[str, str], Any] = {}
 
     def observe_fsync(self, seconds: float, batch: int) -> None:
         self.fsync_seconds.observe(seconds)
@@ -126,14 +124,48 @@ class Metrics:
             lambda: time.time() - (node.last_snapshot_unix or self.started)
         )
 
+
+class RpcStats(Collector):
+    """RPC counts and latencies, kept in plain dicts and exported at scrape time.
+
+    Updated on the event loop thread only, so it needs none of the locks that
+    prometheus-client's Counter and Histogram take on every update — the
+    difference is a measurable share of a ~100 µs request.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        # Per method: observations per bucket (the last one is +Inf), and their sum.
+        self.buckets: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
     def record(self, method: str, code: str, seconds: float) -> None:
         key = (method, code)
-        child = self._method_children.get(key)
-        if child is None:
-            child = (self.requests.labels(method, code), self.latency.labels(method))
-            self._method_children[key] = child
-        child[0].inc()
-        child[1].observe(seconds)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        buckets = self.buckets.get(method)
+        if buckets is None:
+            buckets = self.buckets[method] = [0] * (len(LATENCY_BUCKETS) + 1)
+            self.sums[method] = 0.0
+        buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sums[method] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "kvservice_rpc_requests", "RPCs served, by method and Connect code",
+            labels=["method", "code"],
+        )  # fmt: skip
+        for (method, code), count in sorted(self.counts.items()):
+            requests.add_metric([method, code], count)
+        yield requests
+        latency = HistogramMetricFamily(
+            "kvservice_rpc_duration_seconds", "Time to serve an RPC, by method", labels=["method"]
+        )
+        for method, buckets in sorted(self.buckets.items()):
+            cumulative = list(accumulate(buckets))
+            bounds = [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]
+            latency.add_metric([method], list(zip(bounds, cumulative, strict=True)),
+                               sum_value=self.sums[method])  # fmt: skip
+        yield latency
 
 
 def _dir_bytes(node: Node) -> int:
@@ -178,7 +210,7 @@ class RpcMetricsMiddleware:
         finally:
             code = "ok" if status == 200 else _connect_code(status, error_body)
             seconds = time.perf_counter() - started
-            self.metrics.record(method, code, seconds)
+            self.metrics.rpcs.record(method, code, seconds)
             if self.log_access:
                 client = scope.get("client")
                 access_log.info(
