@@ -2,6 +2,12 @@
 
 Also the read-only walk behind `kvservice wal check`: `recover(...,
 repair_tail=False)` classifies damage without touching a file.
+
+The codec (record.py) calls damage *corrupt* when it cannot prove it is a torn
+write, e.g. a bad header followed by bytes that are not all zero. In the last
+segment recovery goes one step further, as record.py's definition says:
+corruption is damage with valid data after it, so damage after which no valid
+record can be found anywhere in the segment is a torn tail (`tail_damage`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class Recovery:
     damaged_snapshots: list[str] = field(default_factory=list)
     seconds: float = 0.0
     active_segment: Path | None = None
+    # Revision the next record appended to active_segment would have to carry.
+    active_next_revision: int = 1
 
 
 def data_dirs(data_dir: Path) -> tuple[Path, Path]:
@@ -49,8 +57,9 @@ def recover(data_dir: Path, *, repair_tail: bool = True) -> Recovery:
     """Rebuild the store from disk.
 
     With repair_tail, a torn tail of the last segment is truncated (and logged),
-    stale `.tmp` files are removed and an empty first segment is created for a
-    new data dir. Without it nothing is written. Damage anywhere else raises
+    stale `.tmp` files are removed, and an empty segment is created for a new
+    data dir or when the snapshot is ahead of the end of the WAL. Without it
+    nothing is written. Damage anywhere else raises
     StorageError naming the file and byte offset.
     """
     started = time.monotonic()
@@ -66,6 +75,19 @@ def recover(data_dir: Path, *, repair_tail: bool = True) -> Recovery:
     _replay(segments, result, repair_tail=repair_tail)
     if repair_tail and result.active_segment is None:
         result.active_segment = create_segment(wal_dir, result.store.revision + 1)
+    elif repair_tail and result.active_next_revision != result.store.revision + 1:
+        # The snapshot is ahead of the end of the WAL: it was taken (and fsynced)
+        # while its last records were not yet fsynced, and a power loss took them.
+        # Appending revision store+1 to the old segment would leave a gap inside
+        # it (or a record that contradicts the file name, which stops the next
+        # start-up), so the log goes on in a new segment named by that revision.
+        log.warning(
+            "WAL ends before the snapshot; starting a new segment",
+            extra={"wal_end_revision": result.active_next_revision - 1,
+                   "snapshot_revision": result.snapshot_revision},
+        )  # fmt: skip
+        result.active_segment = create_segment(wal_dir, result.store.revision + 1)
+        result.active_next_revision = result.store.revision + 1
     result.seconds = time.monotonic() - started
     return result
 
@@ -120,34 +142,76 @@ def _replay(segments: list[Path], result: Recovery, *, repair_tail: bool) -> Non
             truncate_durably(path, valid_end)
             log.warning(
                 "torn WAL tail truncated",
-                extra={"path": str(path), "offset": valid_end, "bytes_dropped": len(buf) - valid_end},
+                extra={
+                    "path": str(path),
+                    "offset": valid_end,
+                    "bytes_dropped": len(buf) - valid_end,
+                },
             )
     result.active_segment = needed[-1]
 
 
-def _replay_segment(path: Path, buf: bytes, store: Store, result: Recovery, *, is_last: bool) -> int:
+def _replay_segment(
+    path: Path, buf: bytes, store: Store, result: Recovery, *, is_last: bool
+) -> int:
     """Apply the records of one segment; return the offset where valid data ends."""
     name = str(path)
     expected_first = segment_revision(path)
-    offset = 0
-    try:
-        for offset, payload in record.scan(buf, name):
-            entry = _decode(payload, name, offset)
-            if offset == 0 and entry.revision != expected_first:
-                raise CorruptRecord(name, 0, f"first revision {entry.revision} != file name")
-            if entry.revision <= store.revision:
-                continue  # already in the snapshot
-            try:
-                store.apply(entry)
-            except (RevisionGap, ValueError) as exc:
-                raise CorruptRecord(name, offset, str(exc)) from exc
-            result.records_replayed += 1
-    except TornRecord as torn:
-        if not is_last:
-            raise CorruptRecord(name, torn.offset, f"{torn.reason} before the last segment") from torn
-        result.torn_tail = torn
-        return torn.offset
-    return len(buf)
+    result.active_next_revision = expected_first
+    records = record.scan(buf, name)
+    while True:
+        # Only damage found by the codec may be a torn tail; a well-framed record
+        # that cannot be applied (below) is corruption wherever it sits.
+        try:
+            offset, payload = next(records)
+        except StopIteration:
+            return len(buf)
+        except TornRecord as torn:
+            if not is_last:
+                raise CorruptRecord(
+                    name, torn.offset, f"{torn.reason} before the last segment"
+                ) from torn
+            result.torn_tail = torn
+            return torn.offset
+        except CorruptRecord as corrupt:
+            torn_tail = tail_damage(buf, corrupt) if is_last else None
+            if torn_tail is None:
+                raise
+            result.torn_tail = torn_tail
+            return torn_tail.offset
+        entry = _decode(payload, name, offset)
+        if offset == 0 and entry.revision != expected_first:
+            raise CorruptRecord(name, 0, f"first revision {entry.revision} != file name")
+        result.active_next_revision = entry.revision + 1
+        if entry.revision <= store.revision:
+            continue  # already in the snapshot
+        try:
+            store.apply(entry)
+        except (RevisionGap, ValueError) as exc:
+            raise CorruptRecord(name, offset, str(exc)) from exc
+        result.records_replayed += 1
+
+
+def tail_damage(buf: bytes, damage: CorruptRecord) -> TornRecord | None:
+    """Reclassify `damage` in the last segment as a torn tail when no valid
+    record follows it; None when one does (then it really is corruption).
+
+    Without this, bytes appended by a crash that are neither a record prefix nor
+    zeros (a partly written page, a record header lost while its payload
+    landed) stop start-up as "corruption" although nothing after them was ever
+    acknowledged. The search tries every offset after the damage, so it costs
+    one checksum per byte of the remaining tail; real corruption usually finds
+    the next record within one record length.
+    """
+    end = len(buf)
+    for start in range(damage.offset + 1, end - record.HEADER_SIZE + 1):
+        length, payload_crc, header_crc = record.HEADER.unpack_from(buf, start)
+        if record.crc32c(buf[start : start + 8]) != header_crc:
+            continue
+        stop = start + record.HEADER_SIZE + length
+        if stop <= end and record.crc32c(buf[start + record.HEADER_SIZE : stop]) == payload_crc:
+            return None
+    return TornRecord(damage.path, damage.offset, f"{damage.reason}, and no valid record after it")
 
 
 def _decode(payload: bytes, name: str, offset: int) -> LogEntry:

@@ -15,7 +15,7 @@ from pathlib import Path
 from kvservice.errors import CorruptRecord, StorageError, TornRecord
 from kvservice.storage import record
 from kvservice.storage.files import DataDirLocked, fsync_dir, lock_data_dir, truncate_durably
-from kvservice.storage.recovery import data_dirs, recover
+from kvservice.storage.recovery import data_dirs, recover, tail_damage
 from kvservice.storage.snapshot import list_snapshots, load_snapshot
 from kvservice.storage.wal import list_segments, segment_revision
 
@@ -57,13 +57,18 @@ def _check_segment(path: Path, *, is_last: bool) -> list[str]:
     buf = path.read_bytes()
     count = 0
     try:
-        for count, _ in enumerate(record.scan(buf, str(path)), start=1):
-            pass
+        for _ in record.scan(buf, str(path)):
+            count += 1
     except TornRecord as exc:
         if is_last:
             return [f"torn     {exc} (start-up truncates it automatically)"]
         return [f"corrupt  {exc} (not the last segment)"]
     except CorruptRecord as exc:
+        # Classified as start-up classifies it (recovery.tail_damage), so check
+        # never calls "corrupt" what start-up would simply cut off.
+        torn = tail_damage(buf, exc) if is_last else None
+        if torn is not None:
+            return [f"torn     {torn} (start-up truncates it automatically)"]
         return [f"corrupt  {exc} (needs `kvservice wal repair`, which loses what follows)"]
     _say(f"ok       {path} ({count} records, first revision {segment_revision(path)})")
     return []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -288,7 +289,7 @@ def purge_segments(wal_dir: Path, covered_revision: int) -> list[Path]:
     """
     segments = list_segments(wal_dir)
     removed = []
-    for current, following in zip(segments, segments[1:], strict=False):
+    for current, following in itertools.pairwise(segments):
         if segment_revision(following) > covered_revision + 1:
             break
         current.unlink()
