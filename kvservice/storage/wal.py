@@ -217,7 +217,19 @@ class Wal:
         self._dirty = False
         # Taken on the loop thread so a rotation during the fsync is never lost.
         retired = self._take_retired()
-        await loop.run_in_executor(self._executor, self._fsync_fds, retired, self._fd)
+        job = self._executor.submit(self._fsync_fds, retired, self._fd)
+        try:
+            await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            # close() cancels the flusher. If that happened before the fsync thread
+            # picked the job up, the job never runs: the retired segments taken
+            # above were neither fsynced nor closed, yet close() would settle
+            # their waiters as durable. Hand them back so close() fsyncs them.
+            # (A job already running finishes; close()'s own flush queues behind
+            # it on the single fsync thread.)
+            if job.cancelled():
+                self._retired[:0] = retired
+            raise
         elapsed = loop.time() - started
         self.stats.fsyncs += 1
         self.stats.last_fsync_seconds = elapsed

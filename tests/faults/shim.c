@@ -11,6 +11,9 @@
  *                            the first failing call first writes half of its
  *                            buffer and reports that short count, as a disk
  *                            that fills up mid-record does.
+ *   KVS_FAULT_SLOW_FSYNC_TRIGGER  path: while it exists, fsync() and fdatasync()
+ *                            first sleep KVS_FAULT_SLOW_FSYNC_MS milliseconds
+ *                            (a slow or stalled disk), then succeed.
  *   KVS_FAULT_PATH_PREFIX    only descriptors whose /proc/self/fd target starts
  *                            with this prefix are affected (sockets, stderr and
  *                            everything outside the data dir keep working).
@@ -21,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 static int armed(const char *env_name) {
@@ -46,6 +50,17 @@ static int targeted(int fd) {
     return strncmp(target, prefix, strlen(prefix)) == 0;
 }
 
+static void maybe_slow(void) {
+    if (!armed("KVS_FAULT_SLOW_FSYNC_TRIGGER")) return;
+    const char *ms = getenv("KVS_FAULT_SLOW_FSYNC_MS");
+    long delay = ms ? atol(ms) : 1000;
+    struct timespec ts = {delay / 1000, (delay % 1000) * 1000000L};
+    int saved = errno;
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+    errno = saved;
+}
+
 int fsync(int fd) {
     static int (*real)(int);
     if (real == NULL) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
@@ -53,6 +68,7 @@ int fsync(int fd) {
         errno = EIO;
         return -1;
     }
+    if (targeted(fd)) maybe_slow();
     return real(fd);
 }
 
@@ -63,6 +79,7 @@ int fdatasync(int fd) {
         errno = EIO;
         return -1;
     }
+    if (targeted(fd)) maybe_slow();
     return real(fd);
 }
 

@@ -30,9 +30,13 @@ def build_shim(out_dir: Path) -> Path:
 
 
 def shim_env(shim: Path, data_dir: Path, *, fsync_trigger: Path | None = None,
-             write_trigger: Path | None = None) -> dict[str, str]:  # fmt: skip
-    """Environment for a server whose data-dir syscalls fail once a trigger file exists."""
+             write_trigger: Path | None = None, slow_fsync_trigger: Path | None = None,
+             slow_fsync_ms: int = 1000) -> dict[str, str]:  # fmt: skip
+    """Environment for a server whose data-dir syscalls misbehave once a trigger file exists."""
     env = {"LD_PRELOAD": str(shim), "KVS_FAULT_PATH_PREFIX": f"{data_dir}/"}
+    if slow_fsync_trigger is not None:
+        env["KVS_FAULT_SLOW_FSYNC_TRIGGER"] = str(slow_fsync_trigger)
+        env["KVS_FAULT_SLOW_FSYNC_MS"] = str(slow_fsync_ms)
     if fsync_trigger is not None:
         env["KVS_FAULT_FSYNC_TRIGGER"] = str(fsync_trigger)
     if write_trigger is not None:

@@ -17,9 +17,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from kvservice.v1.kv_connect import KVStoreClientSync
 from kvservice.v1.kv_pb2 import DeleteRequest, GetRequest, SetRequest
+
+if TYPE_CHECKING:
+    from tests.integration.conftest import ServerProcess
 
 # What a key holds: (value, revision of its last change), or None when absent.
 State = tuple[bytes, int] | None
@@ -225,3 +229,20 @@ def verify_recovered(url: str, writers: list[Writer]) -> dict[str, State]:
         lost[:20]
     )
     return states
+
+
+def populate(server: ServerProcess, count: int, prefix: str = "k") -> dict[str, tuple[bytes, int]]:
+    """Write `count` keys one by one; return key -> (value, acknowledged revision)."""
+    written = {}
+    with server.client(proto_json=False) as client:
+        for i in range(count):
+            key, value = f"{prefix}{i:04d}", f"value-{prefix}-{i}-".encode() * 3
+            written[key] = (value, client.set(SetRequest(key=key, value=value)).revision)
+    return written
+
+
+def assert_holds(server: ServerProcess, expected: dict[str, Any]) -> None:
+    """The node holds exactly these keys with these values and revisions."""
+    got = read_states(server.url, sorted(expected))
+    wrong = {k: (got[k], v) for k, v in expected.items() if got[k] != v}
+    assert not wrong, f"{len(wrong)} keys differ (got, expected): {list(wrong.items())[:5]}"

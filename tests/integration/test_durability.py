@@ -25,8 +25,10 @@ from tests.faults.shim import build_shim, shim_env
 from tests.faults.workload import (
     Burst,
     State,
+    assert_holds,
     check_revisions,
     check_writer_order,
+    populate,
     read_states,
     verify_recovered,
 )
@@ -42,23 +44,6 @@ EXIT_STORAGE = 3
 def fault_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The LD_PRELOAD shim of tests/faults/shim.c, compiled once for this module."""
     return build_shim(tmp_path_factory.mktemp("shim"))
-
-
-def populate(server: ServerProcess, count: int, prefix: str = "k") -> dict[str, tuple[bytes, int]]:
-    """Write `count` keys one by one; return key -> (value, acknowledged revision)."""
-    written = {}
-    with server.client(proto_json=False) as client:
-        for i in range(count):
-            key, value = f"{prefix}{i:04d}", f"value-{prefix}-{i}-".encode() * 3
-            written[key] = (value, client.set(SetRequest(key=key, value=value)).revision)
-    return written
-
-
-def assert_holds(server: ServerProcess, expected: dict[str, Any]) -> None:
-    """The node holds exactly these keys with these values and revisions."""
-    got = read_states(server.url, sorted(expected))
-    wrong = {k: (got[k], v) for k, v in expected.items() if got[k] != v}
-    assert not wrong, f"{len(wrong)} keys differ (got, expected): {list(wrong.items())[:5]}"
 
 
 def stop_cleanly(server: ServerProcess) -> None:
