@@ -1,0 +1,1 @@
+"""Reference ASGI apps served by uvicorn exactly as kvservice is, to bound what it can reach."""

@@ -1,0 +1,46 @@
+"""The floor of connect-python: the generated KVStore app over a plain dict.
+
+Stock connect-python codecs on purpose (kvservice.codec is not imported), so
+this is what anyone gets from the library before adding a storage engine.
+Only Get does real work; the bench never calls Set or Delete here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connectrpc.request import RequestContext
+
+from bench.dataset import HOT_KEY, HOT_VALUE
+from kvservice.v1.kv_connect import KVStoreASGIApplication
+from kvservice.v1.kv_pb2 import (
+    DeleteRequest,
+    DeleteResponse,
+    GetRequest,
+    GetResponse,
+    SetRequest,
+    SetResponse,
+)
+
+# The same key and 100-byte value the kvservice Get case reads.
+DATA: dict[str, tuple[bytes, int]] = {HOT_KEY: (HOT_VALUE, 1)}
+
+
+class DictKVStore:
+    """A KVStore whose Get is one dict lookup."""
+
+    async def get(self, request: GetRequest, ctx: RequestContext[Any, Any]) -> GetResponse:
+        found = DATA.get(request.key)
+        if found is None:
+            return GetResponse()
+        return GetResponse(found=True, value=found[0], revision=found[1])
+
+    async def set(self, request: SetRequest, ctx: RequestContext[Any, Any]) -> SetResponse:
+        DATA[request.key] = (request.value, 1)
+        return SetResponse(revision=1)
+
+    async def delete(self, request: DeleteRequest, ctx: RequestContext[Any, Any]) -> DeleteResponse:
+        return DeleteResponse(deleted=DATA.pop(request.key, None) is not None, revision=1)
+
+
+app = KVStoreASGIApplication(DictKVStore())

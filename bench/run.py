@@ -1,0 +1,229 @@
+"""Run the benchmarks of issue 4 and write the results file.
+
+    python -m bench.run            # full run (< 10 min): bench/results/latest.md + dated copy
+    python -m bench.run --smoke    # seconds, tiny counts: bench/results/smoke.md
+
+Peers (redis-server, etcd) and wrk are installed with apt-get when missing
+(full run; `--install` for the smoke). What cannot be installed is skipped and
+named in the results; without wrk, HTTP load comes from bench/pyload.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import dataset, memory, profile, recovery, targets, throughput, tools
+from bench.load import http_generator
+from bench.peers import start_etcd, start_redis
+from bench.procs import BenchError
+from bench.report import Results, render
+from bench.servers import REPO, Server, start_kvservice, start_uvicorn_app
+
+log = logging.getLogger("bench.run")
+DEFAULT_OUT = REPO / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big a run is: the full run, or the smoke run's tiny counts."""
+
+    smoke: bool
+    seconds: int
+    rounds: int
+    warmup_seconds: int
+    connections: int
+    keys: int
+    wal_records: int
+    restarts: int
+    install: bool
+    profile: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Plan:
+        smoke = bool(args.smoke)
+        return cls(
+            smoke=smoke,
+            seconds=args.seconds or (1 if smoke else 5),
+            rounds=args.rounds or (1 if smoke else 3),
+            warmup_seconds=0 if smoke else 1,
+            connections=args.connections,
+            keys=args.keys or (10_000 if smoke else 1_000_000),
+            wal_records=args.wal_records or (1_000 if smoke else 100_000),
+            restarts=args.restarts or (1 if smoke else 3),
+            install=args.install if args.install is not None else not smoke,
+            profile=args.profile,
+        )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny counts; writes smoke.md")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for results files")
+    parser.add_argument("--seconds", type=int, help="seconds per load run (5; smoke 1)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per case (3; smoke 1)")
+    parser.add_argument("--connections", type=int, default=64, help="concurrent connections")
+    parser.add_argument("--keys", type=int, help="keys for memory and recovery (1e6; smoke 1e4)")
+    parser.add_argument("--wal-records", type=int, help="WAL tail for recovery (1e5; smoke 1e3)")
+    parser.add_argument("--restarts", type=int, help="restarts per system (3; smoke 1)")
+    parser.add_argument(
+        "--install",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apt-get install missing peers and wrk (default: full run only)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="also sample kvservice with py-spy (if installed)"
+    )
+    return parser.parse_args(argv)
+
+
+def prepare_tools(plan: Plan) -> list[str]:
+    """Install what is missing if allowed; return what is still missing."""
+    return tools.install_missing() if plan.install else tools.missing()
+
+
+def run_throughput(plan: Plan, results: Results, work: Path, missing: list[str]) -> None:
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, Server] = {}
+
+        def keep(server: Server) -> Server:
+            stack.callback(server.stop)
+            servers[server.system] = server
+            results.commands[server.system] = server.child.argv
+            return server
+
+        keep(start_uvicorn_app(work, "bare-asgi", "bench.apps.bare_asgi:app"))
+        keep(start_uvicorn_app(work, "bare-connect", "bench.apps.bare_connect:app"))
+        keep(start_kvservice(work, "kvservice", work / "kv-always", fsync="always"))
+        keep(start_kvservice(work, "kvservice-fsync-no", work / "kv-no", fsync="no"))
+        cases = throughput.python_cases(servers, work, results.settings)
+        if "etcd" in missing:
+            results.skipped.append("etcd cases: etcd (Debian etcd-server) is not installed")
+        else:
+            cases += throughput.etcd_cases(keep(start_etcd(work)), work, results.settings)
+        if {"redis-server", "redis-benchmark"} & set(missing):
+            results.skipped.append("redis cases: redis-server/redis-benchmark are not installed")
+        else:
+            cases += throughput.redis_cases(keep(start_redis(work)), results.settings)
+        results.cases = cases
+        results.throughput = throughput.run_rounds(cases, results.settings)
+        if plan.profile:
+            results.profiles = run_profiles(cases, plan, work)
+
+
+def run_profiles(cases: list[throughput.Case], plan: Plan, work: Path) -> list[profile.Profile]:
+    """py-spy profiles of the target cases, in extra runs outside the measured rounds."""
+    if profile.py_spy() is None:
+        log.warning("--profile: py-spy is not installed (pip install py-spy); no profiles")
+        return []
+    found = []
+    for case in cases:
+        if case.key in profile.PROFILED:
+            raw = work / f"{case.key}.pyspy"
+            profile.record(case.pid, plan.seconds, raw, lambda case=case: case.run(plan.seconds))
+            found.append(profile.summarize(case.label, raw))
+    return found
+
+
+def run_memory_and_recovery(plan: Plan, results: Results, work: Path, missing: list[str]) -> None:
+    data_dir = work / "kv-loaded"
+    started = time.monotonic()
+    revision = dataset.build_snapshot_dir(data_dir, plan.keys)
+    log.info("wrote a %d-key snapshot in %.1f s", plan.keys, time.monotonic() - started)
+    results.kv_memory = memory.measure_kvservice(work, data_dir, plan.keys)
+    redis_restarts: list[recovery.Restart] = []
+    rdb_bytes = 0
+    if {"redis-server", "redis-cli"} & set(missing):
+        results.skipped.append("redis memory and RDB restart: redis-server is not installed")
+    else:
+        results.redis_memory, redis = memory.measure_redis(work, plan.keys)
+        results.commands["redis-memory"] = redis.child.argv
+        rdb = recovery.save_rdb(redis)
+        rdb_bytes = rdb.stat().st_size
+        redis_restarts = recovery.restart_redis(work, rdb, plan.keys, plan.restarts)
+    dataset.write_wal_tail(data_dir, revision, plan.wal_records, plan.keys)
+    kv_restarts = recovery.restart_kvservice(work, data_dir, plan.restarts)
+    results.recovery = recovery.RecoveryResult(
+        plan.keys,
+        plan.wal_records,
+        kv_restarts,
+        recovery.disk_bytes(data_dir),
+        redis_restarts,
+        rdb_bytes,
+    )
+
+
+def write_results(results: Results, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    text = render(results)
+    names = ["smoke.md"] if results.smoke else ["latest.md", f"{results.started:%Y-%m-%d}.md"]
+    paths = [out / name for name in names]
+    for path in paths:
+        path.write_text(text)
+    return paths
+
+
+def run(plan: Plan, out: Path) -> list[Path]:
+    started = time.monotonic()
+    missing = prepare_tools(plan)
+    generator = http_generator()
+    if generator != "wrk":
+        log.warning(
+            "wrk is not installed: using the Python load generator (figures not comparable)"
+        )
+    settings = throughput.Settings(
+        seconds=plan.seconds,
+        rounds=plan.rounds,
+        connections=plan.connections,
+        warmup_seconds=plan.warmup_seconds,
+        generator=generator,
+        redis_rps_guess=150_000,
+    )
+    with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
+        work = Path(tmp)
+        results = Results(
+            started=datetime.now(UTC),
+            smoke=plan.smoke,
+            machine=tools.machine(work),
+            versions=tools.versions(REPO),
+            settings=settings,
+        )
+        if generator != "wrk":
+            results.skipped.append("wrk is not installed: HTTP load came from bench/pyload.py")
+        run_throughput(plan, results, work, missing)
+        run_memory_and_recovery(plan, results, work, missing)
+    results.verdicts = targets.judge(results)
+    results.elapsed_seconds = time.monotonic() - started
+    return write_results(results, out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        paths = run(Plan.from_args(args), args.out)
+    except BenchError as exc:
+        log.error("benchmark failed: %s", exc)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The Python systems under test, each one process on a free 127.0.0.1 port:
+kvservice itself, and the two reference apps served by uvicorn the same way
+kvservice serves itself (uvloop + httptools, one worker, no access log).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.procs import Child, free_port, http_ok, tcp_open, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class Server:
+    """A started system: its process and where it listens."""
+
+    system: str
+    child: Child
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def url(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.child.stop()
+
+
+def kvservice_argv(port: int, data_dir: Path, fsync: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "kvservice",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--fsync",
+        fsync,
+    ]
+
+
+def start_kvservice(work: Path, name: str, data_dir: Path, fsync: str = "always") -> Server:
+    """Start a node and wait until /readyz says it has recovered."""
+    port = free_port()
+    child = Child(name, kvservice_argv(port, data_dir, fsync), work / f"{name}.log", cwd=REPO)
+    server = Server(name, child.start(), port)
+    wait_until("/readyz 200", lambda: http_ok(server.url("/readyz")), child, START_TIMEOUT)
+    return server
+
+
+def uvicorn_argv(app: str, port: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--lifespan",
+        "off",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--no-server-header",
+    ]
+
+
+def start_uvicorn_app(work: Path, name: str, app: str) -> Server:
+    """Serve one of bench/apps with uvicorn and wait until it accepts connections."""
+    port = free_port()
+    child = Child(name, uvicorn_argv(app, port), work / f"{name}.log", cwd=REPO)
+    server = Server(name, child.start(), port)
+    wait_until("listening", lambda: tcp_open(port), child, START_TIMEOUT)
+    return server
