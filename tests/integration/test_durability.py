@@ -57,17 +57,28 @@ def last_segment(data_dir: Path) -> Path:
 # -- SIGKILL ------------------------------------------------------------------
 
 
+KILL_SETTINGS = {
+    "defaults": (),
+    # Segment rotation, background snapshots and segment purges all race the kill.
+    "small-segments-and-snapshots": (
+        "--wal-segment-bytes", "4096", "--snapshot-threshold-bytes", "16384",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("settings", sorted(KILL_SETTINGS))
 def test_sigkill_during_concurrent_burst_loses_no_acknowledged_write(
-    make_server: MakeServer, tmp_path: Path
+    make_server: MakeServer, tmp_path: Path, settings: str
 ) -> None:
     """SIGKILL during a 16-client burst at fsync=always, 3 rounds on one data dir, loses no ack."""
+    flags = ("--fsync", "always", *KILL_SETTINGS[settings])
     data_dir = tmp_path / "data"
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     writers = []
     recovered: dict[str, State] = {}
     for round_no in range(3):
-        server = make_server("--fsync", "always", data_dir=data_dir).start()
+        server = make_server(*flags, data_dir=data_dir).start()
         if recovered:  # everything seen after the previous crash is still there
             assert read_states(server.url, sorted(recovered)) == recovered, f"seed {seed}"
         burst = Burst(server.url, f"r{round_no}", seed=seed + round_no).start()
@@ -80,7 +91,7 @@ def test_sigkill_during_concurrent_burst_loses_no_acknowledged_write(
         assert not any(w.finished_all for w in burst.writers), "the kill came after the burst"
         writers += burst.writers
 
-        server = make_server("--fsync", "always", data_dir=data_dir).start()
+        server = make_server(*flags, data_dir=data_dir).start()
         recovered = verify_recovered(server.url, writers)
         acks = [op for w in writers for op in w.acked]
         check_revisions(acks)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kvservice.storage.wal import Wal, create_segment, list_segments, segment_name
-from kvservice.v1.kv_pb2 import SetRequest
+from kvservice.v1.kv_pb2 import GetRequest, SetRequest
 from tests.faults.logs import find
 from tests.faults.shim import build_shim, shim_env
 from tests.faults.workload import (
@@ -122,7 +122,13 @@ def test_in_flight_write_on_a_slow_fsync_finishes_before_exit(
 
     writer = threading.Thread(target=write)
     writer.start()
-    time.sleep(0.5)  # the write is now waiting on the 1.5 s fsync
+    # Reads see a write once applied, before it is durable: when "slow" is
+    # visible but unacknowledged, the write is waiting on the 1.5 s fsync.
+    with server.client() as reader:
+        deadline = time.monotonic() + 10
+        while not reader.get(GetRequest(key="slow")).found:
+            assert time.monotonic() < deadline, "the write never reached the node"
+            time.sleep(0.01)
     assert "revision" not in outcome, "the write did not wait for the slow fsync"
     _signal(server, signal.SIGTERM)
     writer.join(20)
