@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kvservice import codec
+from kvservice.compression import BoundedGzip
 from kvservice.health.v1.health_connect import HealthASGIApplication
 from kvservice.healthcheck import HealthService
 from kvservice.metrics import RpcMetricsMiddleware
@@ -29,6 +31,10 @@ if TYPE_CHECKING:
 
 # Room for the key, the protobuf/JSON framing and base64 (4/3) around a value.
 REQUEST_OVERHEAD_BYTES = 16 * 1024
+
+
+def _method_names(service: str) -> frozenset[str]:
+    return frozenset(m.name for m in kv_pb2.DESCRIPTOR.services_by_name[service].methods)
 
 
 def _get_paths() -> frozenset[str]:
@@ -104,14 +110,26 @@ def create_app(node: Node) -> Starlette:
     codec.install()
     settings = node.settings
     max_body = settings.max_value_bytes * 4 // 3 + REQUEST_OVERHEAD_BYTES
-    kv = KVStoreASGIApplication(KVStoreService(node), read_max_bytes=max_body)
-    health = HealthASGIApplication(HealthService(lambda: readiness(node)[0]))
+    compressions = [BoundedGzip(max_body)]
+    kv = KVStoreASGIApplication(
+        KVStoreService(node), read_max_bytes=max_body, compressions=compressions
+    )
+    health = HealthASGIApplication(
+        HealthService(lambda: readiness(node)[0]),
+        read_max_bytes=REQUEST_OVERHEAD_BYTES,
+        compressions=compressions,
+    )
     rpc: ASGIApp = RpcMetricsMiddleware(
-        RequestGuard(kv, max_body), node.metrics, kv.path + "/", log_access=settings.access_log
+        RequestGuard(kv, max_body),
+        node.metrics,
+        kv.path + "/",
+        methods=_method_names("KVStore"),
+        log_access=settings.access_log,
     )
 
     async def healthz(_: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        # The pid tells an operator (and the tests) which process answered.
+        return JSONResponse({"status": "ok", "pid": os.getpid()})
 
     async def readyz(_: Request) -> Response:
         ready, body = readiness(node)

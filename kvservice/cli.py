@@ -12,7 +12,7 @@ from typing import Any, get_args
 from kvservice import __version__, logs
 from kvservice.config import ConfigError, Settings, load, shown_value, sources
 from kvservice.errors import StorageError
-from kvservice.server import serve
+from kvservice.server import CannotServe, serve
 from kvservice.storage import repair
 from kvservice.storage.files import DataDirLocked, lock_data_dir
 from kvservice.storage.recovery import recover
@@ -95,7 +95,7 @@ def _serve(settings: Settings) -> int:
     log.info("starting", extra={"version": __version__, **_summary(settings)})
     try:
         lock = lock_data_dir(settings.data_dir)
-    except DataDirLocked as exc:
+    except (DataDirLocked, OSError) as exc:
         log.critical("cannot start", extra={"error": str(exc)})
         return EXIT_STORAGE
     try:
@@ -105,6 +105,9 @@ def _serve(settings: Settings) -> int:
             "cannot start: the data on disk is damaged",
             extra={"error": str(exc), "help": "see docs/runbook.md; `kvservice wal check`"},
         )
+        return EXIT_STORAGE
+    except OSError as exc:
+        log.critical("cannot start: the data directory is unusable", extra={"error": str(exc)})
         return EXIT_STORAGE
     log.info(
         "recovered",
@@ -119,6 +122,9 @@ def _serve(settings: Settings) -> int:
     )
     try:
         serve(settings, recovery)
+    except CannotServe as exc:
+        log.critical("cannot start", extra={"error": str(exc)})
+        return EXIT_ERROR
     finally:
         lock.close()
     return EXIT_OK

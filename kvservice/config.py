@@ -67,6 +67,17 @@ class Settings(BaseSettings):
         (), description="browser origins allowed to call the API, comma-separated; * for any"
     )
 
+    @field_validator(
+        "port", "max_key_bytes", "max_value_bytes", "wal_segment_bytes",
+        "snapshot_threshold_bytes", "shutdown_timeout_seconds", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: object) -> object:
+        # YAML reads `yes`/`on`/`true` as booleans, and pydantic would take them as 1.
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")
+        return value
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
@@ -155,9 +166,11 @@ def sources(settings: Settings, flags: Mapping[str, Any] | None = None) -> dict[
 def _origin(name: str, flags: Mapping[str, Any], config: Path | None = None) -> str:
     if name in flags:
         return f"flag --{name.replace('_', '-')}"
-    env_name = f"{ENV_PREFIX}{name.upper()}"
-    if env_name in os.environ:
-        return f"env {env_name}"
+    # pydantic-settings matches env names case-insensitively; so must we.
+    env_name = f"{ENV_PREFIX}{name}".lower()
+    for key in os.environ:
+        if key.lower() == env_name:
+            return f"env {key}"
     config_file = config or flags.get("config") or os.environ.get(f"{ENV_PREFIX}CONFIG")
     if config_file and name != "config":
         try:

@@ -181,10 +181,20 @@ def _dir_bytes(node: Node) -> int:
 class RpcMetricsMiddleware:
     """Counts and times every RPC under `prefix`, reading the Connect code from the reply."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, prefix: str, *, log_access: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        prefix: str,
+        *,
+        methods: frozenset[str],
+        log_access: bool,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.prefix = prefix
+        # Made-up method names are counted as "unknown": one series each would be unbounded.
+        self.methods = methods
         self.log_access = log_access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -192,7 +202,9 @@ class RpcMetricsMiddleware:
         if scope["type"] != "http" or not path.startswith(self.prefix):
             await self.app(scope, receive, send)
             return
-        method = path[len(self.prefix) :] or "?"
+        method = path[len(self.prefix) :]
+        if method not in self.methods:
+            method = "unknown"
         started = time.perf_counter()
         status = 0
         error_body = b""

@@ -17,6 +17,10 @@ from kvservice.storage.recovery import Recovery
 log = logging.getLogger("kvservice.server")
 
 
+class CannotServe(Exception):
+    """The server could not start listening; uvicorn has logged why."""
+
+
 class Server(uvicorn.Server):
     """uvicorn's server, but any second SIGTERM/SIGINT forces exit, and a signal
     that led to a clean shutdown is not re-raised (so the exit status is 0)."""
@@ -48,6 +52,10 @@ def serve(settings: Settings, recovery: Recovery) -> None:
     )
     try:
         Server(config).run()
+    except SystemExit as exc:
+        # uvicorn exits with its own code 3 when it cannot listen (port in use, no
+        # permission); in kvservice 3 means the data dir was refused, so re-raise.
+        raise CannotServe(f"cannot listen on {settings.host}:{settings.port}") from exc
     finally:
         # After a forced exit the lifespan shutdown never ran: still fsync and close.
         node.close_sync()

@@ -217,3 +217,19 @@ def test_shown_value_masks_secrets() -> None:
     assert shown_value("tls_key_file", "/etc/kv/key.pem") == "********"
     assert shown_value("password", None) == "None"
     assert shown_value("port", 8080) == "8080"
+
+
+def test_yaml_boolean_is_not_a_port(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`port: true` (or yes/on) in YAML is a wrong type, not port 1."""
+    config = tmp_path / "kv.yaml"
+    config.write_text("port: true\n")
+    with pytest.raises(ConfigError):
+        load({"config": str(config)})
+
+
+def test_sources_reports_lowercase_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If a lower-case kvservice_port is applied, config show must not call it a default."""
+    monkeypatch.setenv("kvservice_port", "9100")
+    settings = load()
+    if settings.port == 9100:
+        assert sources(settings)["port"] != "default"

@@ -26,6 +26,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class PortTaken(Exception):
+    """The free port chosen for a server was taken before it could bind."""
+
+
 @dataclass
 class ServerProcess:
     """One `kvservice serve` child process; stop it with stop() or kill()."""
@@ -49,25 +53,38 @@ class ServerProcess:
         ]  # fmt: skip
 
     def start(self, *, wait: bool = True, timeout: float = 20.0) -> ServerProcess:
+        for _ in range(3):
+            self._spawn()
+            if not wait:
+                return self
+            try:
+                self.wait_ready(timeout)
+                return self
+            except PortTaken:
+                self.port = free_port()  # another process took it between probe and bind
+        raise AssertionError(f"no free port after 3 tries:\n{self.log()}")
+
+    def _spawn(self) -> None:
         self.log_path = self.data_dir.parent / f"server-{self.port}-{time.monotonic_ns()}.log"
         env = {**os.environ, **self.env}
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
             )
-        if wait:
-            self.wait_ready(timeout)
-        return self
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        """Wait until /healthz answers; fail with the server log if the process dies."""
+        """Wait until this process listens and /healthz answers; fail with its log if it dies."""
         deadline = time.monotonic() + timeout
         assert self.proc is not None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if "address already in use" in self.log():
+                    raise PortTaken
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
+                reply = httpx.get(f"{self.url}/healthz", timeout=0.5)
+                # Our own pid, so a stranger on a recycled port cannot pass for us.
+                if reply.status_code == 200 and reply.json().get("pid") == self.proc.pid:
                     return
             except httpx.HTTPError:
                 pass

@@ -77,9 +77,10 @@ def config_show(*args: str, env: dict[str, str] | None = None) -> dict[str, tupl
 
 
 def test_healthz_is_200(server: ServerProcess) -> None:
-    """/healthz answers 200 while the process is alive."""
+    """/healthz answers 200 while the process is alive, naming the process."""
     reply = httpx.get(f"{server.url}/healthz", timeout=5)
-    assert (reply.status_code, reply.json()) == (200, {"status": "ok"})
+    assert server.proc is not None
+    assert (reply.status_code, reply.json()) == (200, {"status": "ok", "pid": server.proc.pid})
 
 
 def test_readyz_is_200_with_json(server: ServerProcess) -> None:
