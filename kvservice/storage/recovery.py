@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from kvservice.engine import RevisionGap, Store
 from kvservice.errors import CorruptRecord, StorageError, TornRecord
 from kvservice.storage import record
-from kvservice.storage.files import remove_stale_tmp, truncate_durably
+from kvservice.storage.files import fsync_dir, remove_stale_tmp, truncate_durably
 from kvservice.storage.snapshot import list_snapshots, load_snapshot
 from kvservice.storage.wal import create_segment, list_segments, segment_revision
 from kvservice.v1.log_pb2 import LogEntry
@@ -42,6 +42,7 @@ class Recovery:
     wal_bytes: int = 0
     torn_tail: TornRecord | None = None
     damaged_snapshots: list[str] = field(default_factory=list)
+    damaged_snapshot_paths: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     active_segment: Path | None = None
     # Revision the next record appended to active_segment would have to carry.
@@ -88,8 +89,23 @@ def recover(data_dir: Path, *, repair_tail: bool = True) -> Recovery:
         )  # fmt: skip
         result.active_segment = create_segment(wal_dir, result.store.revision + 1)
         result.active_next_revision = result.store.revision + 1
+    if repair_tail:
+        _set_damaged_snapshots_aside(result)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _set_damaged_snapshots_aside(result: Recovery) -> None:
+    """Rename damaged snapshots to `.broken` once recovery has succeeded without them.
+
+    Left in place, a damaged snapshot would count as one of the two kept, and
+    the next snapshot would delete the good older one (and the WAL behind it).
+    """
+    for path in result.damaged_snapshot_paths:
+        broken = path.with_name(path.name + ".broken")
+        path.rename(broken)
+        fsync_dir(path.parent)
+        log.error("damaged snapshot set aside", extra={"path": str(broken)})
 
 
 def _load_newest_snapshot(snap_dir: Path, result: Recovery) -> None:
@@ -103,6 +119,7 @@ def _load_newest_snapshot(snap_dir: Path, result: Recovery) -> None:
             # gives the same state, and the replay proves the WAL reaches back.
             log.error("damaged snapshot skipped", extra={"error": str(exc)})
             result.damaged_snapshots.append(str(exc))
+            result.damaged_snapshot_paths.append(path)
             continue
         result.store.load(snap.items, snap.revision)
         result.snapshot_revision = snap.revision

@@ -109,3 +109,7 @@ def test_damaged_newest_snapshot_is_skipped_not_loaded(tmp_path: Path) -> None:
     assert str(newest) in result.damaged_snapshots[0]
     assert result.store.revision == 600
     assert result.store.get("key49") == (b"value599", 600)
+    # Set aside, so it no longer counts as one of the snapshots kept.
+    assert not newest.exists()
+    assert newest.with_name(newest.name + ".broken").read_bytes() == bytes(raw)
+    assert [rev for rev, _ in list_snapshots(tmp_path / "snap")] == [snaps[1][0]]
