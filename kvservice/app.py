@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -143,8 +144,13 @@ def create_app(node: Node) -> Starlette:
         node.start()
         try:
             yield
-        finally:
-            await node.close()
+        except asyncio.CancelledError:
+            # A second signal forced the exit and the loop is cancelling what is
+            # left: no drain, but still fsync and close the WAL. Not re-raised, so
+            # Starlette does not log a forced exit as a crash.
+            node.close_sync()
+            return
+        await node.close()
 
     connect_mounts: dict[str, ASGIApp] = {kv.path: rpc, health.path: health}
     return Starlette(
