@@ -9,7 +9,6 @@ per key, which is most of the gap to Redis (see README, "Memory").
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
 from typing import Final
 
 from kvservice.v1.log_pb2 import LogEntry
@@ -64,7 +63,7 @@ class Store:
             raise ValueError(f"unknown log operation {entry.operation} at revision {revision}")
         self.revision = revision
 
-    def load(self, items: Iterable[tuple[str, bytes]], revision: int) -> None:
-        """Replace the contents with snapshot items (key, revision-prefixed value)."""
-        self.data = dict(items)
+    def load(self, data: dict[str, bytes], revision: int) -> None:
+        """Take over a snapshot's dict (key -> revision-prefixed value)."""
+        self.data = data
         self.revision = revision

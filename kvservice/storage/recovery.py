@@ -121,7 +121,7 @@ def _load_newest_snapshot(snap_dir: Path, result: Recovery) -> None:
             result.damaged_snapshots.append(str(exc))
             result.damaged_snapshot_paths.append(path)
             continue
-        result.store.load(snap.items, snap.revision)
+        result.store.load(snap.data, snap.revision)
         result.snapshot_revision = snap.revision
         result.snapshot_path = path
         return

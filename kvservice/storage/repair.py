@@ -30,7 +30,7 @@ def check(data_dir: Path) -> int:
     for _, path in list_snapshots(snap_dir) if snap_dir.exists() else []:
         try:
             snap = load_snapshot(path)
-            _say(f"ok       {path} (revision {snap.revision}, {len(snap.items)} keys)")
+            _say(f"ok       {path} (revision {snap.revision}, {len(snap.data)} keys)")
         except StorageError as exc:
             problems.append(f"damaged  {exc}")
     segments = list_segments(wal_dir) if wal_dir.exists() else []

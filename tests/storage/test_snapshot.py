@@ -37,12 +37,12 @@ def test_round_trip(tmp_path_factory: pytest.TempPathFactory, data: dict[str, by
     path = write_snapshot(snap_dir, data, 77)
     loaded = load_snapshot(path)
     assert loaded.revision == 77
-    assert dict(loaded.items) == data
+    assert loaded.data == data
 
 
 def test_many_chunks(tmp_path: Path) -> None:
     data = {f"k{i}": REVISION.pack(i + 1) + b"v" for i in range(CHUNK_KEYS * 2 + 5)}
-    assert dict(load_snapshot(write_snapshot(tmp_path, data, 9)).items) == data
+    assert load_snapshot(write_snapshot(tmp_path, data, 9)).data == data
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "append"])
