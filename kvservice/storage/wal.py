@@ -106,6 +106,9 @@ class Wal:
         self._size = os.fstat(self._fd).st_size
         # Retired segments whose data may not be on disk yet: fsynced, then closed.
         self._retired: list[int] = []
+        # fsync=always: records not yet written, as (segment fd, record). The fsync
+        # thread writes and fsyncs them together (see _write_and_sync).
+        self._pending: list[tuple[int, bytes]] = []
         self._waiters: list[asyncio.Future[None]] = []
         # The group being fsynced right now (kept so close() can settle it).
         self._batch: list[asyncio.Future[None]] = []
@@ -126,20 +129,28 @@ class Wal:
             self._task = asyncio.create_task(self._everysec_loop(), name="wal-everysec")
 
     def append(self, payload: bytes, revision: int) -> None:
-        """Write one record to the OS. Raises Unavailable once the log has failed."""
+        """Add one record to the log. Raises Unavailable once the log has failed.
+
+        At fsync=always the record is queued for the fsync thread, which writes
+        the whole group and fsyncs it in one go: the event loop makes no write
+        syscall (an append contends with a concurrent fdatasync on the same
+        file: ~9 µs instead of ~1 µs measured here). Otherwise it is written to
+        the OS now, since that write is what those policies acknowledge.
+        """
         if self.failure is not None:
             raise Unavailable(self.failure)
         data = record.encode(payload)
         if self._size >= self.segment_bytes:
             self._rotate(revision)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except OSError as exc:
-            self._cut_partial_record()
-            self._fail(f"the disk refused a WAL write ({exc})")
-            raise Unavailable(self.failure) from exc
+        if self.policy == "always":
+            self._pending.append((self._fd, data))
+        else:
+            try:
+                _write_all(self._fd, data)
+            except OSError as exc:
+                self._cut_partial_record()
+                self._fail(f"the disk refused a WAL write ({exc})")
+                raise Unavailable(self.failure) from exc
         self._size += len(data)
         self.stats.bytes_written += len(data)
         self._dirty = True
@@ -166,7 +177,7 @@ class Wal:
             try:
                 await self._flush()
             except OSError as exc:
-                self._fail(f"fsync failed at shutdown ({exc})")
+                self._fail(_describe(exc, "at shutdown"))
         self._settle_waiters()
         self._close_files()
         self._executor.shutdown(wait=True)
@@ -174,7 +185,7 @@ class Wal:
     def close_sync(self) -> None:
         """Close without an event loop (tools and tests); fsyncs unless failed."""
         if self.failure is None:
-            self._fsync_fds(self._take_retired(), self._fd)
+            self._write_and_sync(self._take_pending(), self._take_retired(), self._fd)
         self._close_files()
         self._executor.shutdown(wait=True)
 
@@ -203,9 +214,25 @@ class Wal:
         retired, self._retired = self._retired, []
         return retired
 
+    def _take_pending(self) -> list[tuple[int, bytes]]:
+        pending, self._pending = self._pending, []
+        return pending
+
     @staticmethod
-    def _fsync_fds(retired: list[int], active: int) -> None:
-        """Runs on the fsync thread: retired segments (then closed), then the active one."""
+    def _write_and_sync(pending: list[tuple[int, bytes]], retired: list[int], active: int) -> None:
+        """Runs on the fsync thread: write the queued records in order, then fsync
+        the retired segments (and close them), then the active one."""
+        for fd, group in itertools.groupby(pending, key=lambda item: item[0]):
+            data = b"".join(rec for _, rec in group)
+            start = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data)
+            except OSError as exc:
+                # Cut whatever part of the group reached the file: no torn record
+                # is left for the next write (there is none: fail-stop) or restart.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+                raise WriteRefused(exc.errno, exc.strerror) from exc
         for fd in retired:
             os.fsync(fd)
             os.close(fd)
@@ -217,7 +244,8 @@ class Wal:
         self._dirty = False
         # Taken on the loop thread so a rotation during the fsync is never lost.
         retired = self._take_retired()
-        job = self._executor.submit(self._fsync_fds, retired, self._fd)
+        pending = self._take_pending()
+        job = self._executor.submit(self._write_and_sync, pending, retired, self._fd)
         try:
             await asyncio.wrap_future(job)
         except asyncio.CancelledError:
@@ -229,6 +257,7 @@ class Wal:
             # it on the single fsync thread.)
             if job.cancelled():
                 self._retired[:0] = retired
+                self._pending[:0] = pending
             raise
         elapsed = loop.time() - started
         self.stats.fsyncs += 1
@@ -249,7 +278,7 @@ class Wal:
             try:
                 await self._flush()
             except OSError as exc:
-                self._fail(f"fsync of the WAL failed ({exc})")
+                self._fail(_describe(exc))
                 self._settle_waiters()
                 return
             batch, self._batch = self._batch, []
@@ -266,7 +295,7 @@ class Wal:
             try:
                 await self._flush()
             except OSError as exc:
-                self._fail(f"fsync of the WAL failed ({exc})")
+                self._fail(_describe(exc))
                 return
 
     def _fail(self, reason: str) -> None:
@@ -291,6 +320,25 @@ class Wal:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._retired = []
+
+
+class WriteRefused(OSError):
+    """A write of queued records failed (as opposed to the fsync after it)."""
+
+
+def _describe(exc: OSError, when: str = "") -> str:
+    what = (
+        "the disk refused a WAL write"
+        if isinstance(exc, WriteRefused)
+        else "fsync of the WAL failed"
+    )
+    return f"{what}{' ' + when if when else ''} ({exc})"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def purge_segments(wal_dir: Path, covered_revision: int) -> list[Path]:

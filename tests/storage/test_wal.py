@@ -85,12 +85,13 @@ def test_failed_fsync_fails_writes_but_not_reads(tmp_path: Path, monkeypatch) ->
     assert recover(tmp_path).store.get("before") == (b"1", 1)
 
 
-def test_refused_write_leaves_no_partial_record(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A write cut short by ENOSPC is removed from the file and nothing is applied."""
+@pytest.mark.parametrize("policy", ["always", "no"])
+def test_refused_write_leaves_no_partial_record(tmp_path: Path, monkeypatch, policy: str) -> None:  # type: ignore[no-untyped-def]
+    """A write cut short by ENOSPC is cut from the file, refused, and gone after a restart."""
     real_write = os.write
 
     async def scenario() -> None:
-        node = open_node(tmp_path, fsync="always")
+        node = open_node(tmp_path, fsync=policy)
         node.start()
         await node.set("a", b"1")
 
@@ -100,17 +101,19 @@ def test_refused_write_leaves_no_partial_record(tmp_path: Path, monkeypatch) -> 
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(os, "write", half_then_full)
-        with pytest.raises(Unavailable, match="disk refused"):
+        with pytest.raises(Unavailable, match="disk refused a WAL write"):
             await node.set("b", b"2")
         monkeypatch.undo()
-        assert node.get("b") is None
-        assert node.store.revision == 1
+        with pytest.raises(Unavailable, match="no longer accepts writes"):
+            await node.set("c", b"3")
+        assert node.get("a") == (b"1", 1)
         await node.close()
 
     run(scenario())
     result = recover(tmp_path)
     assert result.torn_tail is None  # the partial record was cut, not left behind
     assert result.store.revision == 1
+    assert result.store.get("b") is None
 
 
 def test_segments_rotate_and_are_named_by_first_revision(tmp_path: Path) -> None:
