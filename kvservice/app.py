@@ -22,8 +22,9 @@ from kvservice.compression import BoundedGzip
 from kvservice.health.v1.health_connect import HealthASGIApplication
 from kvservice.healthcheck import HealthService
 from kvservice.metrics import RpcMetricsMiddleware
-from kvservice.service import KVStoreService
+from kvservice.service import AdminService, KVStoreService
 from kvservice.v1 import kv_pb2
+from kvservice.v1.admin_connect import AdminASGIApplication
 from kvservice.v1.kv_connect import KVStoreASGIApplication
 
 if TYPE_CHECKING:
@@ -115,6 +116,9 @@ def create_app(node: Node) -> Starlette:
     kv = KVStoreASGIApplication(
         KVStoreService(node), read_max_bytes=max_body, compressions=compressions
     )
+    admin = AdminASGIApplication(
+        AdminService(node), read_max_bytes=REQUEST_OVERHEAD_BYTES, compressions=compressions
+    )
     health = HealthASGIApplication(
         HealthService(lambda: readiness(node)[0]),
         read_max_bytes=REQUEST_OVERHEAD_BYTES,
@@ -152,7 +156,7 @@ def create_app(node: Node) -> Starlette:
             return
         await node.close()
 
-    connect_mounts: dict[str, ASGIApp] = {kv.path: rpc, health.path: health}
+    connect_mounts: dict[str, ASGIApp] = {kv.path: rpc, health.path: health, admin.path: admin}
     return Starlette(
         middleware=[
             *_cors(settings.cors_origins),

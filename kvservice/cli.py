@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
 
+from connectrpc.errors import ConnectError
+
 from kvservice import __version__, logs
 from kvservice.config import ConfigError, Settings, load, shown_value, sources
 from kvservice.errors import StorageError
@@ -16,6 +18,8 @@ from kvservice.server import CannotServe, serve
 from kvservice.storage import repair
 from kvservice.storage.files import DataDirLocked, lock_data_dir
 from kvservice.storage.recovery import recover
+from kvservice.v1.admin_connect import AdminClientSync
+from kvservice.v1.admin_pb2 import SnapshotRequest
 
 # Named exit codes (documented in the README).
 EXIT_OK = 0
@@ -60,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data-dir", dest="data_dir", default=None, help="data directory")
         sub.add_argument("--config", default=None, help="YAML config file")
 
+    snapshot = commands.add_parser(
+        "snapshot", help="ask a running node to write a snapshot now (Admin/Snapshot)"
+    )
+    snapshot.add_argument("--url", default=None, help="node URL (default: from host and port)")
+    snapshot.add_argument("--config", default=None, help="YAML config file")
+    snapshot.add_argument("--host", default=None, help="node host, when --url is not given")
+    snapshot.add_argument("--port", default=None, help="node port, when --url is not given")
+
     config = commands.add_parser("config", help="settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print effective settings and their sources")
@@ -83,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, origin in sources(settings, flags).items():
             print(f"{name} = {shown_value(name, getattr(settings, name))}  ({origin})")
         return EXIT_OK
+    if args.command == "snapshot":
+        return _snapshot(args.url or f"http://{settings.host}:{settings.port}")
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "wal":
         if args.wal_command == "check":
@@ -127,6 +141,17 @@ def _serve(settings: Settings) -> int:
         return EXIT_ERROR
     finally:
         lock.close()
+    return EXIT_OK
+
+
+def _snapshot(url: str) -> int:
+    with AdminClientSync(url, timeout_ms=600_000) as admin:
+        try:
+            reply = admin.snapshot(SnapshotRequest())
+        except ConnectError as exc:
+            print(f"kvservice: snapshot failed: {exc.code.value}: {exc.message}", file=sys.stderr)
+            return EXIT_ERROR
+    print(f"snapshot at revision {reply.revision}: {reply.path} ({reply.key_count} keys)")
     return EXIT_OK
 
 

@@ -31,6 +31,14 @@ log = logging.getLogger("kvservice.node")
 
 
 @dataclass(frozen=True)
+class SnapshotInfo:
+    revision: int
+    path: Path
+    key_count: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class Limits:
     max_key_bytes: int
     max_value_bytes: int
@@ -72,7 +80,7 @@ class Node:
             on_fsync=metrics.observe_fsync,
         )
         self._wal_bytes_at_snapshot = 0
-        self._snapshot_task: asyncio.Task[Path | None] | None = None
+        self._snapshot_task: asyncio.Task[SnapshotInfo | None] | None = None
         self._snapshot_pid: int | None = None
         self.last_snapshot_unix = _mtime(recovery.snapshot_path)
         self.closed = False
@@ -145,14 +153,15 @@ class Node:
         if grown >= self.settings.snapshot_threshold_bytes and self._snapshot_task is None:
             self._snapshot_task = asyncio.create_task(self._snapshot(), name="snapshot")
 
-    async def snapshot(self) -> Path | None:
-        """Take a snapshot now (or join the one running); return its path."""
+    async def snapshot(self) -> SnapshotInfo | None:
+        """Take a snapshot now (or join the one running); None when it failed (logged)."""
         if self._snapshot_task is None:
             self._snapshot_task = asyncio.create_task(self._snapshot(), name="snapshot")
         return await asyncio.shield(self._snapshot_task)
 
-    async def _snapshot(self) -> Path | None:
+    async def _snapshot(self) -> SnapshotInfo | None:
         revision = self.store.revision
+        key_count = len(self.store)
         self._wal_bytes_at_snapshot = self.wal.stats.bytes_written
         started = time.monotonic()
         try:
@@ -175,7 +184,7 @@ class Node:
         self.last_snapshot_unix = time.time()
         self.metrics.snapshot_seconds.observe(seconds)
         log.info("snapshot written", extra={"revision": revision, "seconds": round(seconds, 3)})
-        return self.snap_dir / snapshot_name(revision)
+        return SnapshotInfo(revision, self.snap_dir / snapshot_name(revision), key_count, seconds)
 
     async def _stop_snapshot(self) -> None:
         task = self._snapshot_task

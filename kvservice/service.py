@@ -16,6 +16,7 @@ from connectrpc.request import RequestContext
 
 from kvservice.errors import InvalidArgument, KVError, ResourceExhausted, Unavailable
 from kvservice.node import Node
+from kvservice.v1.admin_pb2 import SnapshotRequest, SnapshotResponse
 from kvservice.v1.kv_pb2 import (
     DeleteRequest,
     DeleteResponse,
@@ -62,6 +63,24 @@ def connect_errors(handler: Handler[S, Req, R]) -> Handler[S, Req, R]:
             ) from None
 
     return wrapper
+
+
+class AdminService:
+    """Implements the generated `Admin` protocol: operator actions."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    @connect_errors
+    async def snapshot(
+        self, request: SnapshotRequest, ctx: RequestContext[Any, Any]
+    ) -> SnapshotResponse:
+        info = await self.node.snapshot()
+        if info is None:
+            raise Unavailable("the snapshot failed; the server log has the reason")
+        return SnapshotResponse(
+            revision=info.revision, path=str(info.path), key_count=info.key_count
+        )
 
 
 class KVStoreService:

@@ -77,9 +77,10 @@ class NodeMatchesDict(RuleBasedStateMachine):
     @precondition(lambda self: self.revision > 0)
     @rule()
     def snapshot(self) -> None:
-        path = self.node.run(self.node.node.snapshot())
-        assert path is not None
-        assert path.exists()
+        info = self.node.run(self.node.node.snapshot())
+        assert info is not None
+        assert info.path.exists()
+        assert (info.revision, info.key_count) == (self.revision, len(self.model))
 
     @invariant()
     def equals_model(self) -> None:
