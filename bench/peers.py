@@ -9,8 +9,8 @@ import socket
 import subprocess
 from pathlib import Path
 
-from bench.procs import BenchError, Child, free_port, http_ok, wait_until
-from bench.servers import START_TIMEOUT, Server
+from bench.procs import BenchError, Child, free_port, http_ok
+from bench.servers import Server, await_ready
 
 
 def etcd_argv(data_dir: Path, client_port: int, peer_port: int) -> list[str]:
@@ -43,8 +43,7 @@ def start_etcd(work: Path) -> Server:
     argv = etcd_argv(work / "etcd-data", port, peer_port)
     child = Child("etcd", argv, work / "etcd.log").start()
     server = Server("etcd", child, port)
-    wait_until("/health 200", lambda: http_ok(server.url("/health")), child, START_TIMEOUT)
-    return server
+    return await_ready(server, "/health 200", lambda: http_ok(server.url("/health")))
 
 
 def redis_argv(data_dir: Path, port: int) -> list[str]:
@@ -79,8 +78,7 @@ def start_redis(work: Path, name: str = "redis", data_dir: Path | None = None) -
     port = free_port()
     child = Child(name, redis_argv(data_dir, port), work / f"{name}.log").start()
     server = Server(name, child, port)
-    wait_until("PING -> PONG", lambda: redis_pong(port), child, START_TIMEOUT, poll=0.005)
-    return server
+    return await_ready(server, "PING -> PONG", lambda: redis_pong(port), poll=0.005)
 
 
 def redis_cli(port: int, *args: str, timeout: float = 60) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.peers import redis_cli, redis_info, start_redis
+from bench.procs import BenchError
 from bench.servers import Server, start_kvservice
 
 
@@ -74,7 +75,7 @@ def restart_redis(work: Path, rdb: Path, keys: int, rounds: int) -> list[Restart
         loaded = int(redis_info(server.port, "keyspace").get("db0", "keys=0").split(",")[0][5:])
         server.stop()
         if loaded != keys:
-            raise RuntimeError(f"redis loaded {loaded} keys from {rdb}, expected {keys}")
+            raise BenchError(f"redis loaded {loaded} keys from {rdb}, expected {keys}")
         restarts.append(Restart(ready, None))
     return restarts
 

@@ -46,14 +46,18 @@ class Plan:
     restarts: int
     install: bool
     profile: bool
+    only: tuple[str, ...] = ()  # substrings of case keys (or "memory", "recovery"); () = all
+
+    def wants(self, name: str) -> bool:
+        return not self.only or any(part in name for part in self.only)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
         smoke = bool(args.smoke)
         return cls(
             smoke=smoke,
-            seconds=args.seconds or (1 if smoke else 5),
-            rounds=args.rounds or (1 if smoke else 3),
+            seconds=args.seconds or (1 if smoke else 4),
+            rounds=args.rounds or (1 if smoke else 5),
             warmup_seconds=0 if smoke else 1,
             connections=args.connections,
             keys=args.keys or (10_000 if smoke else 1_000_000),
@@ -61,6 +65,7 @@ class Plan:
             restarts=args.restarts or (1 if smoke else 3),
             install=args.install if args.install is not None else not smoke,
             profile=args.profile,
+            only=tuple(part for part in (args.only or "").split(",") if part),
         )
 
 
@@ -72,8 +77,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny counts; writes smoke.md")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for results files")
-    parser.add_argument("--seconds", type=int, help="seconds per load run (5; smoke 1)")
-    parser.add_argument("--rounds", type=int, help="alternating rounds per case (3; smoke 1)")
+    parser.add_argument("--seconds", type=int, help="seconds per load run (4; smoke 1)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per case (5; smoke 1)")
     parser.add_argument("--connections", type=int, default=64, help="concurrent connections")
     parser.add_argument("--keys", type=int, help="keys for memory and recovery (1e6; smoke 1e4)")
     parser.add_argument("--wal-records", type=int, help="WAL tail for recovery (1e5; smoke 1e3)")
@@ -86,6 +91,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile", action="store_true", help="also sample kvservice with py-spy (if installed)"
+    )
+    parser.add_argument(
+        "--only",
+        help="comma-separated parts of case keys to run (e.g. kv-set,redis, or memory); "
+        "writes partial.md",
     )
     return parser.parse_args(argv)
 
@@ -112,12 +122,13 @@ def run_throughput(plan: Plan, results: Results, work: Path, missing: list[str])
         cases = throughput.python_cases(servers, work, results.settings)
         if "etcd" in missing:
             results.skipped.append("etcd cases: etcd (Debian etcd-server) is not installed")
-        else:
+        elif plan.wants("etcd-"):
             cases += throughput.etcd_cases(keep(start_etcd(work)), work, results.settings)
         if {"redis-server", "redis-benchmark"} & set(missing):
             results.skipped.append("redis cases: redis-server/redis-benchmark are not installed")
-        else:
+        elif plan.wants("redis-"):
             cases += throughput.redis_cases(keep(start_redis(work)), results.settings)
+        cases = [case for case in cases if plan.wants(case.key)]
         results.cases = cases
         results.throughput = throughput.run_rounds(cases, results.settings)
         if plan.profile:
@@ -151,7 +162,10 @@ def run_memory_and_recovery(plan: Plan, results: Results, work: Path, missing: l
     else:
         results.redis_memory, redis = memory.measure_redis(work, plan.keys)
         results.commands["redis-memory"] = redis.child.argv
-        rdb = recovery.save_rdb(redis)
+        try:
+            rdb = recovery.save_rdb(redis)
+        finally:
+            redis.stop()
         rdb_bytes = rdb.stat().st_size
         redis_restarts = recovery.restart_redis(work, rdb, plan.keys, plan.restarts)
     dataset.write_wal_tail(data_dir, revision, plan.wal_records, plan.keys)
@@ -169,7 +183,10 @@ def run_memory_and_recovery(plan: Plan, results: Results, work: Path, missing: l
 def write_results(results: Results, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     text = render(results)
-    names = ["smoke.md"] if results.smoke else ["latest.md", f"{results.started:%Y-%m-%d}.md"]
+    if results.smoke or results.partial:
+        names = ["smoke.md" if results.smoke else "partial.md"]
+    else:
+        names = ["latest.md", f"{results.started:%Y-%m-%d}.md"]
     paths = [out / name for name in names]
     for path in paths:
         path.write_text(text)
@@ -200,11 +217,13 @@ def run(plan: Plan, out: Path) -> list[Path]:
             machine=tools.machine(work),
             versions=tools.versions(REPO),
             settings=settings,
+            partial=bool(plan.only),
         )
         if generator != "wrk":
             results.skipped.append("wrk is not installed: HTTP load came from bench/pyload.py")
         run_throughput(plan, results, work, missing)
-        run_memory_and_recovery(plan, results, work, missing)
+        if plan.wants("memory") or plan.wants("recovery"):
+            run_memory_and_recovery(plan, results, work, missing)
     results.verdicts = targets.judge(results)
     results.elapsed_seconds = time.monotonic() - started
     return write_results(results, out)

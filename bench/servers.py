@@ -6,6 +6,7 @@ kvservice serves itself (uvloop + httptools, one worker, no access log).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,16 @@ class Server:
         self.child.stop()
 
 
+def await_ready(server: Server, what: str, ready: Callable[[], bool], poll: float = 0.01) -> Server:
+    """Wait until `ready()`; a server that never gets there is stopped, not left behind."""
+    try:
+        wait_until(what, ready, server.child, START_TIMEOUT, poll)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def kvservice_argv(port: int, data_dir: Path, fsync: str) -> list[str]:
     return [
         sys.executable,
@@ -56,8 +67,7 @@ def start_kvservice(work: Path, name: str, data_dir: Path, fsync: str = "always"
     port = free_port()
     child = Child(name, kvservice_argv(port, data_dir, fsync), work / f"{name}.log", cwd=REPO)
     server = Server(name, child.start(), port)
-    wait_until("/readyz 200", lambda: http_ok(server.url("/readyz")), child, START_TIMEOUT)
-    return server
+    return await_ready(server, "/readyz 200", lambda: http_ok(server.url("/readyz")))
 
 
 def uvicorn_argv(app: str, port: int) -> list[str]:
@@ -88,5 +98,4 @@ def start_uvicorn_app(work: Path, name: str, app: str) -> Server:
     port = free_port()
     child = Child(name, uvicorn_argv(app, port), work / f"{name}.log", cwd=REPO)
     server = Server(name, child.start(), port)
-    wait_until("listening", lambda: tcp_open(port), child, START_TIMEOUT)
-    return server
+    return await_ready(server, "listening", lambda: tcp_open(port))
