@@ -93,15 +93,11 @@ class CpuWindow:
         self.server = cpu_seconds(self.pid) - self.server
         self.machine = machine_busy_seconds() - self.machine
 
-    def cores(self, done: Finished) -> dict[str, float]:
+    def cores(self, done: Finished) -> tuple[float, float, float]:
         """Server, generator and everything-else CPU, in cores over the generator's run."""
         wall = done.wall_seconds
         other = max(0.0, self.machine - self.server - done.cpu_seconds)
-        return {
-            "server_cpu": self.server / wall,
-            "generator_cpu": done.cpu_seconds / wall,
-            "other_cpu": other / wall,
-        }
+        return self.server / wall, done.cpu_seconds / wall, other / wall
 
 
 def http_generator() -> str:
@@ -156,12 +152,15 @@ def run_http(load: HttpLoad, server_pid: int, generator: str) -> LoadResult:
     with CpuWindow(server_pid) as cpu:
         done = run_measured(argv, timeout=load.seconds + 30)
     fields = _result_line(done)
+    server_cpu, generator_cpu, other_cpu = cpu.cores(done)
     return LoadResult(
         generator=generator,
         requests=int(fields["requests"]),
         errors=int(fields["errors"]),
         seconds=fields["duration_us"] / 1e6,
-        **cpu.cores(done),
+        server_cpu=server_cpu,
+        generator_cpu=generator_cpu,
+        other_cpu=other_cpu,
         p50_ms=fields["p50_us"] / 1000,
         p99_ms=fields["p99_us"] / 1000,
         argv=argv,
@@ -213,12 +212,15 @@ def run_redis(load: RedisLoad, server_pid: int) -> LoadResult:
         raise BenchError(f"redis-benchmark printed no CSV result:\n{done.stdout[-2000:]}")
     row = rows[0]
     rps = float(row["rps"])
+    server_cpu, generator_cpu, other_cpu = cpu.cores(done)
     return LoadResult(
         generator="redis-benchmark",
         requests=load.requests,
         errors=0,
         seconds=load.requests / rps,
-        **cpu.cores(done),
+        server_cpu=server_cpu,
+        generator_cpu=generator_cpu,
+        other_cpu=other_cpu,
         p50_ms=float(row["p50_latency_ms"]),
         p99_ms=float(row["p99_latency_ms"]),
         argv=argv,

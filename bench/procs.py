@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -202,7 +203,7 @@ def run_measured(argv: Sequence[str], timeout: float, stdin_path: Path | None = 
         )
 
 
-def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, os.struct_rusage]:
+def _wait4(proc: subprocess.Popen[bytes], timeout: float) -> tuple[int, resource.struct_rusage]:
     """wait4() with a deadline: past it the tool is killed (every loop is bounded)."""
     deadline = time.monotonic() + timeout
     while True:

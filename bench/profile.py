@@ -31,6 +31,8 @@ class Profile:
     top_total: list[tuple[str, float]]  # kvservice/connectrpc frames, inclusive share
 
 
+# Frames on every stack of a kvservice server (start-up code): they say nothing.
+ENTRY_FRAMES = ("kvservice/__main__.py", "kvservice/cli.py", "kvservice/server.py")
 # Cases worth a profile: the two sides of each throughput target.
 PROFILED = ("kv-get-json", "connect-get-json", "kv-set-json-always", "kv-set-json-no")
 
@@ -93,7 +95,8 @@ def summarize(case: str, raw: Path, top: int = 12) -> Profile:
         samples += count
         self_counts[frames[-1]] += count
         for frame in set(frames):
-            if "kvservice/" in frame or "connectrpc/" in frame:
+            ours = "kvservice/" in frame or "connectrpc/" in frame
+            if ours and not any(entry in frame for entry in ENTRY_FRAMES):
                 total_counts[frame] += count
     share = 1 / samples if samples else 0.0
     return Profile(

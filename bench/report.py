@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -235,35 +235,7 @@ def _bottleneck_note(r: Results) -> str:
     )
 
 
-def _group_commit(r: Results) -> str:
-    rows = []
-    for case in r.cases:
-        runs = [x for x in r.throughput.get(case.key, []) if x.extra.get("fsyncs") is not None]
-        if not runs:
-            continue
-        fsyncs = sum(x.extra["fsyncs"] for x in runs)
-        seconds = sum(x.seconds for x in runs)
-        writes = sum(x.requests for x in runs)
-        fsync_time = sum(x.extra.get("fsync_seconds", 0.0) for x in runs)
-        rows.append(
-            [
-                case.label,
-                fmt_num(fsyncs / seconds),
-                fmt_num(writes / fsyncs, 1) if fsyncs else "—",
-                f"{fsync_time / fsyncs * 1e6:,.0f}" if fsyncs else "—",
-            ]
-        )
-    if not rows:
-        return ""
-    head = ["kvservice Set case", "fsyncs/s", "writes per fsync", "mean fsync round trip, µs"]
-    return (
-        "\nGroup commit, from kvservice's own /metrics over the same runs (fsync=no makes none; "
-        "the round trip is the fsync as the event loop waits for it, thread hand-offs included):"
-        "\n\n" + _table(head, rows)
-    )
-
-
-PEER_COLUMNS = [
+PEER_COLUMNS: list[tuple[str, Callable[[Case], str | None]]] = [
     ("bare ASGI", lambda case: "asgi"),
     (
         "bare connect (same codec)",

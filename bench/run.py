@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import sys
 import tempfile
@@ -144,7 +145,7 @@ def run_profiles(cases: list[throughput.Case], plan: Plan, work: Path) -> list[p
     for case in cases:
         if case.key in profile.PROFILED:
             raw = work / f"{case.key}.pyspy"
-            profile.record(case.pid, plan.seconds, raw, lambda case=case: case.run(plan.seconds))
+            profile.record(case.pid, plan.seconds, raw, functools.partial(case.run, plan.seconds))
             found.append(profile.summarize(case.label, raw))
     return found
 

@@ -53,7 +53,7 @@ def get_vs_bare(r: Results) -> Verdict:
         explanation = (
             "met with room: kvservice's compact JSON codec (kvservice/codec.py) is cheaper than "
             "the stock pretty-printing one the bare app uses, which more than pays for "
-            "validation, metrics and the Starlette mount."
+            "validation, metrics and routing."
         )
     return Verdict(
         "Get JSON vs bare connect-python", f"≥ {GET_VS_BARE}{TIMES}", _fmt(value), met, explanation
