@@ -192,16 +192,25 @@ class Wal:
     # -- internals ---------------------------------------------------------
 
     def _rotate(self, first_revision: int) -> None:
+        """Start a new segment. The old one is fsynced before any record reaches
+        the new one, whatever the policy: the disk must never hold a later
+        segment's records while missing an earlier one's, or recovery would see
+        a revision gap (refused as corruption) where there was only a crash."""
         try:
+            if self.policy != "always":
+                # Rare (once per segment_bytes), so done here; at fsync=always
+                # the old segment still has queued records and the fsync thread
+                # does it in order (_write_and_sync).
+                os.fsync(self._fd)
             path = create_segment(self.dir, first_revision)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
-            self._fail(f"could not create WAL segment ({exc})")
+            self._fail(f"could not rotate the WAL segment ({exc})")
             raise Unavailable(self.failure) from exc
-        if self.policy == "no":
-            os.close(self._fd)
-        else:
+        if self.policy == "always":
             self._retired.append(self._fd)
+        else:
+            os.close(self._fd)
         self._fd, self._active_path, self._size = fd, path, 0
         log.info("wal segment rotated", extra={"segment": path.name})
 
@@ -220,22 +229,17 @@ class Wal:
 
     @staticmethod
     def _write_and_sync(pending: list[tuple[int, bytes]], retired: list[int], active: int) -> None:
-        """Runs on the fsync thread: write the queued records in order, then fsync
-        the retired segments (and close them), then the active one."""
-        for fd, group in itertools.groupby(pending, key=lambda item: item[0]):
-            data = b"".join(rec for _, rec in group)
-            start = os.fstat(fd).st_size
-            try:
-                _write_all(fd, data)
-            except OSError as exc:
-                # Cut whatever part of the group reached the file: no torn record
-                # is left for the next write (there is none: fail-stop) or restart.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, start)
-                raise WriteRefused(exc.errno, exc.strerror) from exc
+        """Runs on the fsync thread. Segment by segment, oldest first: write its
+        queued records, then fsync it (and close it when retired), so no record
+        of a newer segment can reach the disk before an older one's."""
+        queued: dict[int, list[bytes]] = {}
+        for fd, data in pending:
+            queued.setdefault(fd, []).append(data)
         for fd in retired:
+            _write_group(fd, queued.pop(fd, []))
             os.fsync(fd)
             os.close(fd)
+        _write_group(active, queued.pop(active, []))
         os.fdatasync(active)
 
     async def _flush(self) -> None:
@@ -333,6 +337,21 @@ def _describe(exc: OSError, when: str = "") -> str:
         else "fsync of the WAL failed"
     )
     return f"{what}{' ' + when if when else ''} ({exc})"
+
+
+def _write_group(fd: int, records: list[bytes]) -> None:
+    """Write queued records in one call; on failure cut whatever part reached the file."""
+    if not records:
+        return
+    start = os.fstat(fd).st_size
+    try:
+        _write_all(fd, b"".join(records))
+    except OSError as exc:
+        # No torn record is left behind for a later write (there is none:
+        # fail-stop) or for the next start-up.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        raise WriteRefused(exc.errno, exc.strerror) from exc
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -10,7 +10,7 @@ import pytest
 from kvservice.errors import CorruptRecord, StorageError
 from kvservice.storage import record
 from kvservice.storage.recovery import recover
-from kvservice.storage.wal import list_segments
+from kvservice.storage.wal import list_segments, segment_revision
 from tests.nodes import open_node
 
 
@@ -100,3 +100,40 @@ def test_stale_tmp_files_are_removed(tmp_path: Path) -> None:
     stale.write_bytes(b"half a snapshot")
     recover(tmp_path)
     assert not stale.exists()
+
+
+def test_empty_segment_left_by_an_interrupted_rotation(tmp_path: Path) -> None:
+    """A crash after creating a segment but before the previous one's last records
+    reached the disk leaves an empty, misnamed segment: it is removed, nothing is
+    lost, and later writes, snapshots and restarts work."""
+    fill(tmp_path, 10)
+    wal = tmp_path / "wal"
+    stale = wal / f"{16:016x}.wal"  # records 11..15 never reached the old segment
+    stale.write_bytes(b"")
+    result = recover(tmp_path)
+    assert result.store.revision == 10
+    assert not stale.exists()
+    assert [segment_revision(p) for p in list_segments(wal)] == [1, 11]
+
+    async def more() -> None:
+        node = open_node(tmp_path, wal_segment_bytes=4096)
+        node.start()
+        for i in range(100):
+            await node.set(f"k{i}", b"w" * 50)
+        assert await node.snapshot() is not None
+        await node.close()
+
+    asyncio.run(more())
+    again = recover(tmp_path)
+    assert again.store.revision == 110
+    assert again.store.get("k99") == (b"w" * 50, 110)
+
+
+def test_empty_segments_before_the_last_are_removed(tmp_path: Path) -> None:
+    fill(tmp_path, 10, wal_segment_bytes=4096)
+    wal = tmp_path / "wal"
+    empty = wal / f"{5:016x}.wal"
+    empty.write_bytes(b"")
+    result = recover(tmp_path)
+    assert result.store.revision == 10
+    assert not empty.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 from pathlib import Path
 
@@ -144,3 +145,37 @@ def test_purge_keeps_segments_still_needed(tmp_path: Path) -> None:
     assert purge_segments(wal, 15) == []  # segment 11.. holds 15 < x <= 20 too
     assert [p.name for p in purge_segments(wal, 1000)] == [f"{11:016x}.wal"]
     assert [p.name for p in list_segments(wal)] == [f"{21:016x}.wal"]
+
+
+def test_a_retired_segment_is_fsynced_before_the_next_one_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No record of a newer segment may reach the disk before an older segment is
+    durable, or a power loss could leave a revision gap instead of a torn tail."""
+    calls: list[tuple[str, int]] = []
+    real = {name: getattr(os, name) for name in ("write", "fsync", "fdatasync")}
+
+    def spy(name: str):  # type: ignore[no-untyped-def]
+        def call(fd: int, *args):  # type: ignore[no-untyped-def]
+            calls.append((name, fd))
+            return real[name](fd, *args)
+
+        return call
+
+    async def scenario() -> list[int]:
+        node = open_node(tmp_path, fsync="always", wal_segment_bytes=4096)
+        node.start()
+        for name in real:
+            monkeypatch.setattr(os, name, spy(name))
+        # One group spanning a rotation: all appended before the fsync thread runs.
+        await asyncio.gather(*(node.set(f"k{i}", b"x" * 200) for i in range(40)))
+        monkeypatch.undo()
+        await node.close()
+        return [fd for op, fd in calls if op == "write"]
+
+    written_fds = run(scenario())
+    assert len(set(written_fds)) >= 2  # the group did cross segments
+    for older, newer in itertools.pairwise(dict.fromkeys(written_fds)):
+        first_newer_write = calls.index(("write", newer))
+        assert ("fsync", older) in calls[:first_newer_write]
+    assert recover(tmp_path).store.revision == 40
