@@ -19,11 +19,12 @@ from starlette.routing import Route
 
 from kvservice import codec
 from kvservice.compression import BoundedGzip
+from kvservice.health.v1 import health_pb2
 from kvservice.health.v1.health_connect import HealthASGIApplication
 from kvservice.healthcheck import HealthService
 from kvservice.metrics import RpcMetricsMiddleware
 from kvservice.service import AdminService, KVStoreService
-from kvservice.v1 import kv_pb2
+from kvservice.v1 import admin_pb2, kv_pb2
 from kvservice.v1.admin_connect import AdminASGIApplication
 from kvservice.v1.kv_connect import KVStoreASGIApplication
 
@@ -40,10 +41,15 @@ def _method_names(service: str) -> frozenset[str]:
 
 
 def _get_paths() -> frozenset[str]:
-    """Paths of the methods marked NO_SIDE_EFFECTS: only these may be sent as HTTP GET."""
-    service = kv_pb2.DESCRIPTOR.services_by_name["KVStore"]
+    """Paths of the methods marked NO_SIDE_EFFECTS: only these may be sent as HTTP GET.
+
+    connect-python serves GET for any unary method; without this a plain link
+    (an <img> on any web page) could call Set or Admin/Snapshot.
+    """
     return frozenset(
         f"/{service.full_name}/{m.name}"
+        for file in (kv_pb2.DESCRIPTOR, admin_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR)
+        for service in file.services_by_name.values()
         for m in service.methods
         if m.GetOptions().idempotency_level == m.GetOptions().NO_SIDE_EFFECTS
     )
@@ -112,17 +118,18 @@ def create_app(node: Node) -> Starlette:
     codec.install()
     settings = node.settings
     max_body = settings.max_value_bytes * 4 // 3 + REQUEST_OVERHEAD_BYTES
-    compressions = [BoundedGzip(max_body)]
     kv = KVStoreASGIApplication(
-        KVStoreService(node), read_max_bytes=max_body, compressions=compressions
+        KVStoreService(node), read_max_bytes=max_body, compressions=[BoundedGzip(max_body)]
     )
+    # Small requests only: their messages have no value field.
+    small = REQUEST_OVERHEAD_BYTES
     admin = AdminASGIApplication(
-        AdminService(node), read_max_bytes=REQUEST_OVERHEAD_BYTES, compressions=compressions
+        AdminService(node), read_max_bytes=small, compressions=[BoundedGzip(small)]
     )
     health = HealthASGIApplication(
         HealthService(lambda: readiness(node)[0]),
-        read_max_bytes=REQUEST_OVERHEAD_BYTES,
-        compressions=compressions,
+        read_max_bytes=small,
+        compressions=[BoundedGzip(small)],
     )
     rpc: ASGIApp = RpcMetricsMiddleware(
         RequestGuard(kv, max_body),
@@ -156,7 +163,11 @@ def create_app(node: Node) -> Starlette:
             return
         await node.close()
 
-    connect_mounts: dict[str, ASGIApp] = {kv.path: rpc, health.path: health, admin.path: admin}
+    connect_mounts: dict[str, ASGIApp] = {
+        kv.path: rpc,
+        health.path: RequestGuard(health, small),
+        admin.path: RequestGuard(admin, small),
+    }
     return Starlette(
         middleware=[
             *_cors(settings.cors_origins),

@@ -47,3 +47,16 @@ def test_unknown_method_paths_do_not_create_metric_series(server: ServerProcess)
         httpx.post(f"{server.url}{KV}/Made{i}", json={}, timeout=5)
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
     assert 'method="Made' not in text
+
+
+def test_side_effects_never_run_on_http_get(server: ServerProcess) -> None:
+    """Only NO_SIDE_EFFECTS methods answer GET: a link cannot write or snapshot."""
+    for path in (f"{KV}/Set", f"{KV}/Delete", "/kvservice.v1.Admin/Snapshot"):
+        reply = httpx.get(f"{server.url}{path}?encoding=json&message=%7B%7D", timeout=5)
+        assert reply.status_code == 405, path
+        assert reply.json()["code"] == "unimplemented"
+    assert not list((server.data_dir / "snap").glob("*.snap"))
+    reply = httpx.get(
+        f"{server.url}{KV}/Get?encoding=json&message=%7B%22key%22%3A%22k%22%7D", timeout=5
+    )
+    assert reply.status_code == 200
