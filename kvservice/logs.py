@@ -66,3 +66,5 @@ def configure(level: str, fmt: str) -> None:
         uv.propagate = True
     # Our own access log (kvservice.access) carries the Connect code; uvicorn's does not.
     logging.getLogger("uvicorn.access").disabled = True
+    # Python warnings would otherwise go to stderr as bare text.
+    logging.captureWarnings(True)
