@@ -86,3 +86,55 @@ def scan(buf: bytes, path: str = "<buffer>") -> Iterator[tuple[int, bytes]]:
             raise CorruptRecord(path, offset, "payload checksum mismatch")
         yield offset, payload
         offset = stop
+
+
+class Decoder:
+    """Incremental decoder: `feed()` bytes as they arrive (a file read in blocks,
+    a network stream) and get whole records back, in order, with their offsets.
+
+    It holds at most one partial record between calls, so a large file never
+    has to be in memory at once. Every checksum failure is corruption here:
+    use `scan()` where a torn tail must be told apart (the last WAL segment);
+    a snapshot, written atomically, has no torn tail.
+    """
+
+    def __init__(self, path: str = "<stream>") -> None:
+        self.path = path
+        self._buf = bytearray()
+        self._offset = 0  # stream offset of _buf[0]
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buf = self._buf
+        buf += data
+        records = []
+        pos = 0
+        while len(buf) - pos >= HEADER_SIZE:
+            length, payload_crc, header_crc = HEADER.unpack_from(buf, pos)
+            at = self._offset + pos
+            if crc32c(bytes(buf[pos : pos + 8])) != header_crc:
+                raise CorruptRecord(self.path, at, "header checksum mismatch")
+            if length > MAX_PAYLOAD:
+                raise CorruptRecord(self.path, at, f"payload length {length} exceeds {MAX_PAYLOAD}")
+            stop = pos + HEADER_SIZE + length
+            if stop > len(buf):
+                break
+            payload = bytes(buf[pos + HEADER_SIZE : stop])
+            if crc32c(payload) != payload_crc:
+                raise CorruptRecord(self.path, at, "payload checksum mismatch")
+            records.append((at, payload))
+            pos = stop
+        del buf[:pos]
+        self._offset += pos
+        return records
+
+    def close(self) -> None:
+        """Raise TornRecord if the stream ended inside a record."""
+        if self._buf:
+            raise TornRecord(
+                self.path, self._offset, f"stream ends {len(self._buf)} bytes into a record"
+            )
+
+    @property
+    def offset(self) -> int:
+        """Bytes consumed so far as whole records."""
+        return self._offset

@@ -84,45 +84,75 @@ class LoadedSnapshot:
     path: Path
 
 
+READ_BLOCK = 1 << 20
+
+
 def load_snapshot(path: Path) -> LoadedSnapshot:
-    """Read and verify a snapshot; raise CorruptRecord naming file and offset on damage."""
-    buf = path.read_bytes()
+    """Read and verify a snapshot; raise CorruptRecord naming file and offset on damage.
+
+    The file is read in blocks and decoded as it comes, so loading needs memory
+    for the store and one block, not a second copy of the whole file.
+    """
     name = str(path)
-    # Filled chunk by chunk: collecting (key, value) tuples first costs ~64 B/key
-    # of pymalloc arenas that stay mapped after the tuples are freed.
-    data: dict[str, bytes] = {}
-    seen = 0
-    header: SnapshotHeader | None = None
-    trailer: SnapshotTrailer | None = None
-    offset = 0
+    loader = _Loader(name)
+    decoder = record.Decoder(name)
     try:
-        for offset, payload in record.scan(buf, name):
-            if trailer is not None:
-                raise CorruptRecord(name, offset, "data after the snapshot trailer")
-            if header is None:
-                header = SnapshotHeader.FromString(payload)
-            elif seen == header.key_count:
-                trailer = SnapshotTrailer.FromString(payload)
-            else:
-                chunk = SnapshotChunk.FromString(payload)
-                if len(chunk.keys) != len(chunk.revisioned_values):
-                    raise CorruptRecord(name, offset, "chunk with unequal key and value counts")
-                data.update(zip(chunk.keys, chunk.revisioned_values, strict=True))
-                seen += len(chunk.keys)
+        with open(path, "rb") as f:
+            while block := f.read(READ_BLOCK):
+                for offset, payload in decoder.feed(block):
+                    loader.add(offset, payload)
+        decoder.close()
     except TornRecord as exc:
         raise CorruptRecord(name, exc.offset, exc.reason) from exc
-    except DecodeError as exc:
-        raise CorruptRecord(name, offset, f"undecodable record ({exc})") from exc
-    if header is None or trailer is None:
-        raise CorruptRecord(name, len(buf), "snapshot ends before its trailer")
-    if not trailer.key_count == header.key_count == seen == len(data):
-        raise CorruptRecord(
-            name, offset, f"{seen} keys ({len(data)} distinct), header says {header.key_count}"
-        )
+    header = loader.finish(decoder.offset)
     expected = snapshot_name(header.revision)
     if path.name != expected:
         raise StorageError(f"{name}: header revision {header.revision} belongs in {expected}")
-    return LoadedSnapshot(revision=header.revision, data=data, path=path)
+    return LoadedSnapshot(revision=header.revision, data=loader.data, path=path)
+
+
+class _Loader:
+    """Checks the header, chunks, trailer sequence and fills the dict."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        # Filled chunk by chunk: collecting (key, value) tuples first costs ~64 B/key
+        # of pymalloc arenas that stay mapped after the tuples are freed.
+        self.data: dict[str, bytes] = {}
+        self.seen = 0
+        self.header: SnapshotHeader | None = None
+        self.trailer: SnapshotTrailer | None = None
+
+    def add(self, offset: int, payload: bytes) -> None:
+        try:
+            self._add(offset, payload)
+        except DecodeError as exc:
+            raise CorruptRecord(self.name, offset, f"undecodable record ({exc})") from exc
+
+    def _add(self, offset: int, payload: bytes) -> None:
+        if self.trailer is not None:
+            raise CorruptRecord(self.name, offset, "data after the snapshot trailer")
+        if self.header is None:
+            self.header = SnapshotHeader.FromString(payload)
+        elif self.seen == self.header.key_count:
+            self.trailer = SnapshotTrailer.FromString(payload)
+        else:
+            chunk = SnapshotChunk.FromString(payload)
+            if len(chunk.keys) != len(chunk.revisioned_values):
+                raise CorruptRecord(self.name, offset, "chunk with unequal key and value counts")
+            self.data.update(zip(chunk.keys, chunk.revisioned_values, strict=True))
+            self.seen += len(chunk.keys)
+
+    def finish(self, end: int) -> SnapshotHeader:
+        header, trailer = self.header, self.trailer
+        if header is None or trailer is None:
+            raise CorruptRecord(self.name, end, "snapshot ends before its trailer")
+        if not trailer.key_count == header.key_count == self.seen == len(self.data):
+            raise CorruptRecord(
+                self.name, end,
+                f"{self.seen} keys ({len(self.data)} distinct), header says {header.key_count}",
+            )  # fmt: skip
+        return header
 
 
 def fork_snapshot(snap_dir: Path, data: dict[str, bytes], revision: int) -> int:

@@ -92,3 +92,56 @@ def test_zero_filled_tail_is_torn(items: list[bytes], zeros: int) -> None:
 
 def test_empty_buffer_has_no_records() -> None:
     assert list(record.scan(b"")) == []
+
+
+@given(payloads, st.lists(st.integers(min_value=1, max_value=64), max_size=20))
+def test_decoder_agrees_with_scan_however_the_bytes_arrive(
+    items: list[bytes], splits: list[int]
+) -> None:
+    """Fed in arbitrary pieces, the incremental decoder yields exactly what scan() does."""
+    buf = frame(items)
+    decoder = record.Decoder()
+    got: list[tuple[int, bytes]] = []
+    pos = 0
+    for size in [*splits, len(buf)]:
+        got += decoder.feed(buf[pos : pos + size])
+        pos += size
+    decoder.close()
+    assert got == list(record.scan(buf))
+
+
+@given(payloads, st.data())
+def test_decoder_reports_a_stream_cut_inside_a_record(
+    items: list[bytes], data: st.DataObject
+) -> None:
+    buf = frame(items)
+    cut = data.draw(st.integers(min_value=1, max_value=len(buf) - 1))
+    decoder = record.Decoder("snap")
+    decoder.feed(buf[:cut])
+    ends = {0}
+    for p in items:
+        ends.add(max(ends) + record.HEADER_SIZE + len(p))
+    if cut in ends:
+        decoder.close()  # a clean boundary
+    else:
+        with pytest.raises(TornRecord):
+            decoder.close()
+
+
+@given(payloads, st.data())
+def test_decoder_treats_any_flipped_bit_as_corruption(
+    items: list[bytes], data: st.DataObject
+) -> None:
+    buf = bytearray(frame(items))
+    position = data.draw(st.integers(min_value=0, max_value=len(buf) - 1))
+    buf[position] ^= 1 << data.draw(st.integers(min_value=0, max_value=7))
+    with pytest.raises((CorruptRecord, TornRecord)) as info:
+        decode_all(bytes(buf))
+    assert info.value.offset <= position
+
+
+def decode_all(buf: bytes) -> list[tuple[int, bytes]]:
+    decoder = record.Decoder("snap")
+    records = decoder.feed(buf)
+    decoder.close()
+    return records
