@@ -39,8 +39,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/kvservice serve --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
 test: setup tools
-	$(BUF) lint
-	$(MAKE) --no-print-directory check-generate
+	$(MAKE) --no-print-directory lint typecheck check-generate
 	$(PY) -m pytest
 
 lint: setup
