@@ -73,20 +73,8 @@ def recover(data_dir: Path, *, repair_tail: bool = True) -> Recovery:
     result = Recovery(store=Store())
     _load_newest_snapshot(snap_dir, result)
     segments = list_segments(wal_dir) if wal_dir.exists() else []
-    if repair_tail:
-        segments = _drop_empty_segments(segments)
+    segments = _without_empty_segments(segments, remove=repair_tail)
     _replay(segments, result, repair_tail=repair_tail)
-    if (
-        repair_tail
-        and result.active_segment is not None
-        and result.active_next_revision != result.store.revision + 1
-        and result.active_segment.stat().st_size == 0
-    ):
-        # An empty last segment whose name is not the next revision: a crash came
-        # between creating it and writing the previous segment's last records.
-        # It holds nothing; the log goes on in a correctly named one below.
-        _remove_segment(result.active_segment, "empty segment named past the end of the WAL")
-        result.active_segment = None
     if repair_tail and result.active_segment is None:
         result.active_segment = create_segment(wal_dir, result.store.revision + 1)
     elif repair_tail and result.active_next_revision != result.store.revision + 1:
@@ -108,22 +96,25 @@ def recover(data_dir: Path, *, repair_tail: bool = True) -> Recovery:
     return result
 
 
-def _drop_empty_segments(segments: list[Path]) -> list[Path]:
-    """Delete empty segments other than the last: they hold nothing, and a name
-    that claims revisions it lacks would mislead replay and WAL purging."""
+def _without_empty_segments(segments: list[Path], *, remove: bool) -> list[Path]:
+    """Leave empty segments out of replay (and delete them when `remove`).
+
+    They hold nothing, and their names would mislead: an empty segment after
+    the real end of the log would make a torn tail in the segment before it look
+    like damage "before the last segment", and a name claiming revisions the
+    file lacks would mislead WAL purging. Older versions could leave one when a
+    crash came between creating a segment and writing the previous one's last
+    records; the log goes on in a segment named store revision + 1.
+    """
     kept = []
-    for i, path in enumerate(segments):
-        if i < len(segments) - 1 and path.stat().st_size == 0:
-            _remove_segment(path, "empty segment before the last one")
-        else:
+    for path in segments:
+        if path.stat().st_size > 0:
             kept.append(path)
+        elif remove:
+            path.unlink()
+            fsync_dir(path.parent)
+            log.warning("removed empty WAL segment", extra={"path": str(path)})
     return kept
-
-
-def _remove_segment(path: Path, why: str) -> None:
-    path.unlink()
-    fsync_dir(path.parent)
-    log.warning("removed WAL segment", extra={"path": str(path), "reason": why})
 
 
 def _set_damaged_snapshots_aside(result: Recovery) -> None:

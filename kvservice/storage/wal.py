@@ -4,14 +4,17 @@ Segments live in `<data-dir>/wal/` and are named `%016x.wal` after the
 revision of their first record. Each holds back-to-back records (see
 record.py) whose payload is a `LogEntry`; revisions are consecutive across
 all segments. The active (last) segment is appended to until it passes
-`segment_bytes`, then a new one is created tmp -> fsync -> rename -> fsync dir.
+`segment_bytes`; then, on the fsync thread, it is fsynced and a new one is
+created tmp -> fsync -> rename -> fsync dir. No fsync runs on the event loop.
 
 Durability per policy, before a write is acknowledged:
-- `always`: the record is fsynced. Group commit: one fsync (on a dedicated
-  thread, never on the event loop) covers every record written before it
-  started; writes arriving meanwhile wait for the next one.
+- `always`: the record is written and fsynced. Group commit: the fsync thread
+  writes every record queued when it starts and fsyncs them together; writes
+  arriving meanwhile wait for the next round.
 - `everysec`: the record is written to the OS; a timer fsyncs once a second.
 - `no`: the record is written to the OS, which flushes when it likes.
+(During a rotation, writes at `everysec` and `no` wait until the new segment
+exists, typically a few milliseconds.)
 
 A failed write or fsync is never retried: after an fsync error the kernel
 may have dropped the dirty pages, so a later "successful" fsync proves
@@ -22,6 +25,7 @@ nothing. The log enters a failed state and refuses every later append
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -30,7 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 from kvservice.errors import Unavailable
 from kvservice.storage import record
@@ -83,8 +87,21 @@ class WalStats:
     last_batch_size: int = 0
 
 
+class _Rotate(NamedTuple):
+    """A mark in the queue of pending records: start a new segment here."""
+
+    first_revision: int
+
+
 class Wal:
-    """Appends records to the active segment and makes them durable per policy."""
+    """Appends records to the active segment and makes them durable per policy.
+
+    Everything that changes which files exist runs on the one fsync thread, in
+    order with the writes and fsyncs: a rotation fsyncs the old segment, then
+    creates the new one (tmp -> fsync -> rename -> fsync dir), so the disk never
+    holds a newer segment's records, or even its empty file, while an older
+    segment's records are still in flight.
+    """
 
     def __init__(
         self,
@@ -102,13 +119,17 @@ class Wal:
         self.failure: str | None = None
         self._on_fsync = on_fsync
         self._active_path = active_segment
+        # At fsync=always only the fsync thread touches _fd; at the other policies
+        # the loop writes to it, except while a rotation (on the thread) runs.
         self._fd = os.open(active_segment, os.O_WRONLY | os.O_APPEND)
-        self._size = os.fstat(self._fd).st_size
-        # Retired segments whose data may not be on disk yet: fsynced, then closed.
-        self._retired: list[int] = []
-        # fsync=always: records not yet written, as (segment fd, record). The fsync
-        # thread writes and fsyncs them together (see _write_and_sync).
-        self._pending: list[tuple[int, bytes]] = []
+        self._size = os.fstat(self._fd).st_size  # of the segment being appended to
+        # Records (and rotation marks) for the fsync thread to write: all of them
+        # at fsync=always, and at the other policies those appended mid-rotation.
+        self._pending: list[bytes | _Rotate] = []
+        self._rotation: asyncio.Future[None] | None = None  # everysec/no
+        self._rotation_job: concurrent.futures.Future[None] | None = None
+        # An error raised on the fsync thread, kept for close_sync().
+        self._thread_error: OSError | None = None
         self._waiters: list[asyncio.Future[None]] = []
         # The group being fsynced right now (kept so close() can settle it).
         self._batch: list[asyncio.Future[None]] = []
@@ -140,10 +161,15 @@ class Wal:
         if self.failure is not None:
             raise Unavailable(self.failure)
         data = record.encode(payload)
-        if self._size >= self.segment_bytes:
-            self._rotate(revision)
-        if self.policy == "always":
-            self._pending.append((self._fd, data))
+        # (One rotation at a time: records appended meanwhile join the new segment.)
+        if self._size >= self.segment_bytes and self._rotation is None:
+            self._size = 0
+            if self.policy == "always":
+                self._pending.append(_Rotate(revision))
+            else:
+                self._start_rotation(revision)
+        if self.policy == "always" or self._rotation is not None:
+            self._pending.append(data)
         else:
             try:
                 _write_all(self._fd, data)
@@ -157,6 +183,9 @@ class Wal:
 
     async def sync(self) -> None:
         """Return once every record appended so far is durable per the policy."""
+        if self._rotation is not None:
+            # Appended mid-rotation: written once the new segment exists.
+            await asyncio.shield(self._rotation)
         if self.failure is not None:
             raise Unavailable(self.failure)
         if self.policy != "always":
@@ -173,6 +202,8 @@ class Wal:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._rotation is not None:
+            await asyncio.shield(self._rotation)
         if self.failure is None:
             try:
                 await self._flush()
@@ -183,84 +214,87 @@ class Wal:
         self._executor.shutdown(wait=True)
 
     def close_sync(self) -> None:
-        """Close without an event loop (tools and tests); fsyncs unless failed."""
-        if self.failure is None:
-            self._write_and_sync(self._take_pending(), self._take_retired(), self._fd)
-        self._close_files()
+        """Close without a running event loop (forced exit, tools, tests).
+
+        First let the fsync thread finish whatever it is running, so nothing it
+        writes can land after (or interleave with) what is written here; then
+        write what is still queued, fsync, and close. Nothing is written after
+        an error, so the log never holds a record beyond a gap.
+        """
         self._executor.shutdown(wait=True)
+        if self._rotation_job is not None:  # its completion never ran on the loop
+            self._rotation = None
+            if self._rotation_job.exception() is None:
+                self._drain_after_rotation()
+        if self.failure is None and self._thread_error is None:
+            try:
+                if self.policy == "always":
+                    self._write_and_sync(self._take_pending())
+                else:
+                    os.fdatasync(self._fd)
+            except OSError as exc:
+                self._fail(_describe(exc, "at shutdown"))
+        self._close_files()
 
-    # -- internals ---------------------------------------------------------
+    # -- internals: the loop side ------------------------------------------
 
-    def _rotate(self, first_revision: int) -> None:
-        """Start a new segment. The old one is fsynced before any record reaches
-        the new one, whatever the policy: the disk must never hold a later
-        segment's records while missing an earlier one's, or recovery would see
-        a revision gap (refused as corruption) where there was only a crash."""
-        try:
-            if self.policy != "always":
-                # Rare (once per segment_bytes), so done here; at fsync=always
-                # the old segment still has queued records and the fsync thread
-                # does it in order (_write_and_sync).
-                os.fsync(self._fd)
-            path = create_segment(self.dir, first_revision)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        except OSError as exc:
-            self._fail(f"could not rotate the WAL segment ({exc})")
-            raise Unavailable(self.failure) from exc
-        if self.policy == "always":
-            self._retired.append(self._fd)
+    def _start_rotation(self, first_revision: int) -> None:
+        """everysec/no: rotate on the fsync thread; appends queue until it is done."""
+        loop = asyncio.get_running_loop()
+        self._rotation = loop.create_future()
+        self._rotation_job = self._executor.submit(
+            self._on_thread, self._next_segment, first_revision
+        )
+        asyncio.wrap_future(self._rotation_job).add_done_callback(self._finish_rotation)
+
+    def _finish_rotation(self, job: asyncio.Future[None]) -> None:
+        rotation, self._rotation, self._rotation_job = self._rotation, None, None
+        error = job.exception()
+        if isinstance(error, OSError):
+            self._fail(_describe(error))
+        elif error is not None:
+            self._fail(f"WAL rotation failed ({error!r})")
         else:
-            os.close(self._fd)
-        self._fd, self._active_path, self._size = fd, path, 0
-        log.info("wal segment rotated", extra={"segment": path.name})
+            self._drain_after_rotation()
+        if rotation is not None and not rotation.done():
+            rotation.set_result(None)  # waiters read self.failure
+
+    def _drain_after_rotation(self) -> None:
+        """Write what was appended during the rotation to the new segment."""
+        pending = [item for item in self._take_pending() if isinstance(item, bytes)]
+        try:
+            _write_group(self._fd, pending)
+        except OSError as exc:
+            self._fail(_describe(exc))
 
     def _cut_partial_record(self) -> None:
         """After a failed write, remove whatever part of the record reached the file."""
         with contextlib.suppress(OSError):
             os.ftruncate(self._fd, self._size)
 
-    def _take_retired(self) -> list[int]:
-        retired, self._retired = self._retired, []
-        return retired
-
-    def _take_pending(self) -> list[tuple[int, bytes]]:
+    def _take_pending(self) -> list[bytes | _Rotate]:
         pending, self._pending = self._pending, []
         return pending
-
-    @staticmethod
-    def _write_and_sync(pending: list[tuple[int, bytes]], retired: list[int], active: int) -> None:
-        """Runs on the fsync thread. Segment by segment, oldest first: write its
-        queued records, then fsync it (and close it when retired), so no record
-        of a newer segment can reach the disk before an older one's."""
-        queued: dict[int, list[bytes]] = {}
-        for fd, data in pending:
-            queued.setdefault(fd, []).append(data)
-        for fd in retired:
-            _write_group(fd, queued.pop(fd, []))
-            os.fsync(fd)
-            os.close(fd)
-        _write_group(active, queued.pop(active, []))
-        os.fdatasync(active)
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._dirty = False
-        # Taken on the loop thread so a rotation during the fsync is never lost.
-        retired = self._take_retired()
-        pending = self._take_pending()
-        job = self._executor.submit(self._write_and_sync, pending, retired, self._fd)
+        if self.policy == "always":
+            # Taken on the loop thread: records appended during this flush go to the next.
+            pending = self._take_pending()
+            job = self._executor.submit(self._on_thread, self._write_and_sync, pending)
+        else:
+            pending = []
+            job = self._executor.submit(self._on_thread, os.fdatasync, self._fd)
         try:
             await asyncio.wrap_future(job)
         except asyncio.CancelledError:
             # close() cancels the flusher. If that happened before the fsync thread
-            # picked the job up, the job never runs: the retired segments taken
-            # above were neither fsynced nor closed, yet close() would settle
-            # their waiters as durable. Hand them back so close() fsyncs them.
-            # (A job already running finishes; close()'s own flush queues behind
-            # it on the single fsync thread.)
+            # picked the job up, the job never runs: hand its records back so the
+            # final flush writes them. (A job already running finishes; the final
+            # flush queues behind it on the single fsync thread.)
             if job.cancelled():
-                self._retired[:0] = retired
                 self._pending[:0] = pending
             raise
         elapsed = loop.time() - started
@@ -275,8 +309,8 @@ class Wal:
             self._wake.clear()
             if not self._waiters:
                 continue
-            # Every waiter taken here appended before this fsync starts, so one
-            # fsync covers them all; later arrivals wait for the next round.
+            # Every waiter taken here appended before this flush starts, so one
+            # write + fsync covers them all; later arrivals wait for the next one.
             self._batch, self._waiters = self._waiters, []
             self.stats.last_batch_size = len(self._batch)
             try:
@@ -293,8 +327,8 @@ class Wal:
     async def _everysec_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            if not self._dirty and not self._retired:
-                continue
+            if not self._dirty or self._rotation is not None:
+                continue  # a rotation fsyncs the old segment itself
             self.stats.last_batch_size = 0
             try:
                 await self._flush()
@@ -320,22 +354,61 @@ class Wal:
                 future.set_exception(Unavailable(self.failure))
 
     def _close_files(self) -> None:
-        for fd in [*self._retired, self._fd]:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._retired = []
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+    # -- internals: the fsync thread ---------------------------------------
+
+    def _on_thread(self, work: Callable[..., None], *args: Any) -> None:
+        """Run `work` on the fsync thread, remembering an error for close_sync()."""
+        try:
+            work(*args)
+        except OSError as exc:
+            self._thread_error = exc
+            raise
+
+    def _write_and_sync(self, pending: list[bytes | _Rotate]) -> None:
+        """fsync=always: write the queued records in order, starting new segments
+        where marked, then fdatasync the segment written last."""
+        group: list[bytes] = []
+        for item in pending:
+            if isinstance(item, _Rotate):
+                _write_group(self._fd, group)
+                group = []
+                self._next_segment(item.first_revision)
+            else:
+                group.append(item)
+        _write_group(self._fd, group)
+        os.fdatasync(self._fd)
+
+    def _next_segment(self, first_revision: int) -> None:
+        """Make the current segment durable, then create and switch to the next."""
+        try:
+            os.fsync(self._fd)
+            path = create_segment(self.dir, first_revision)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise RotationFailed(exc.errno, exc.strerror) from exc
+        os.close(self._fd)
+        self._fd, self._active_path = fd, path
+        log.info("wal segment rotated", extra={"segment": path.name})
 
 
 class WriteRefused(OSError):
     """A write of queued records failed (as opposed to the fsync after it)."""
 
 
+class RotationFailed(OSError):
+    """The old segment could not be made durable or the new one created."""
+
+
 def _describe(exc: OSError, when: str = "") -> str:
-    what = (
-        "the disk refused a WAL write"
-        if isinstance(exc, WriteRefused)
-        else "fsync of the WAL failed"
-    )
+    if isinstance(exc, WriteRefused):
+        what = "the disk refused a WAL write"
+    elif isinstance(exc, RotationFailed):
+        what = "could not rotate the WAL segment"
+    else:
+        what = "fsync of the WAL failed"
     return f"{what}{' ' + when if when else ''} ({exc})"
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from kvservice.storage import record
 from kvservice.storage.wal import Wal, create_segment, list_segments, segment_name
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
+from kvservice.v1.log_pb2 import LogEntry
 from tests.faults.logs import find
 from tests.faults.shim import build_shim, shim_env
 from tests.faults.workload import (
@@ -144,7 +146,8 @@ def test_in_flight_write_on_a_slow_fsync_finishes_before_exit(
 def test_wal_close_fsyncs_a_retired_segment_whose_flush_never_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Closing the WAL while a flush is queued (not yet running) still fsyncs the retired segment.
+    """Closing the WAL while a flush is queued (not yet running) still writes and
+    fsyncs every record, across the rotation the queued records ask for.
 
     In-process regression test of Wal.close(): the race is too narrow to hit
     reliably through a server, so the single fsync thread is held busy while
@@ -158,6 +161,7 @@ def test_wal_close_fsyncs_a_retired_segment_whose_flush_never_started(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", observed_fsync)
+    records = 40  # 40 x 212 bytes: past the 4096-byte segment limit
 
     async def scenario() -> None:
         first = create_segment(tmp_path, 1)
@@ -165,12 +169,11 @@ def test_wal_close_fsyncs_a_retired_segment_whose_flush_never_started(
         gate = threading.Event()
         busy = wal._executor.submit(gate.wait)  # the fsync thread is taken
         wal.start()
-        revision = 1
-        while list_segments(tmp_path)[-1] == first:  # fill the first segment until it rotates
-            wal.append(b"x" * 200, revision)
-            revision += 1
+        for revision in range(1, records + 1):
+            entry = LogEntry(revision=revision, operation=1, key="k", value=b"x" * 200)
+            wal.append(entry.SerializeToString(), revision)
         waiting = asyncio.ensure_future(wal.sync())
-        await asyncio.sleep(0.05)  # the flusher has submitted its fsync job, which cannot start
+        await asyncio.sleep(0.05)  # the flusher has submitted its job, which cannot start
         closing = asyncio.ensure_future(wal.close())
         await asyncio.sleep(0.05)
         gate.set()
@@ -179,4 +182,12 @@ def test_wal_close_fsyncs_a_retired_segment_whose_flush_never_started(
         busy.result()
 
     asyncio.run(scenario())
-    assert segment_name(1) in fsynced, f"retired segment never fsynced: {fsynced}"
+    assert segment_name(1) in fsynced, f"first segment never fsynced: {fsynced}"
+    segments = list_segments(tmp_path)
+    assert len(segments) >= 2  # ...and the rotation it asked for happened
+    revisions = [
+        LogEntry.FromString(payload).revision
+        for path in segments
+        for _, payload in record.scan(path.read_bytes())
+    ]
+    assert revisions == list(range(1, records + 1))

@@ -103,9 +103,9 @@ def test_stale_tmp_files_are_removed(tmp_path: Path) -> None:
 
 
 def test_empty_segment_left_by_an_interrupted_rotation(tmp_path: Path) -> None:
-    """A crash after creating a segment but before the previous one's last records
-    reached the disk leaves an empty, misnamed segment: it is removed, nothing is
-    lost, and later writes, snapshots and restarts work."""
+    """An empty segment named past the end of the log (left by older versions when a
+    crash came mid-rotation) is removed, nothing is lost, and later writes,
+    snapshots and restarts work."""
     fill(tmp_path, 10)
     wal = tmp_path / "wal"
     stale = wal / f"{16:016x}.wal"  # records 11..15 never reached the old segment
@@ -113,7 +113,7 @@ def test_empty_segment_left_by_an_interrupted_rotation(tmp_path: Path) -> None:
     result = recover(tmp_path)
     assert result.store.revision == 10
     assert not stale.exists()
-    assert [segment_revision(p) for p in list_segments(wal)] == [1, 11]
+    assert [segment_revision(p) for p in list_segments(wal)] == [1]  # appended to again
 
     async def more() -> None:
         node = open_node(tmp_path, wal_segment_bytes=4096)
@@ -137,3 +137,19 @@ def test_empty_segments_before_the_last_are_removed(tmp_path: Path) -> None:
     result = recover(tmp_path)
     assert result.store.revision == 10
     assert not empty.exists()
+
+
+def test_torn_tail_before_an_empty_last_segment_is_still_a_torn_tail(tmp_path: Path) -> None:
+    """Empty segments do not count as 'after' the tail: the torn record is cut."""
+    fill(tmp_path, 10)
+    wal = tmp_path / "wal"
+    first = list_segments(wal)[0]
+    good = first.stat().st_size
+    with open(first, "ab") as f:
+        f.write(record.encode(b"x" * 60)[:30])
+    (wal / f"{14:016x}.wal").write_bytes(b"")
+    result = recover(tmp_path)
+    assert result.torn_tail is not None
+    assert first.stat().st_size == good
+    assert result.store.revision == 10
+    assert [p.name for p in list_segments(wal)] == [first.name]
