@@ -127,7 +127,7 @@ def create_app(node: Node) -> Starlette:
         AdminService(node), read_max_bytes=small, compressions=[BoundedGzip(small)]
     )
     health = HealthASGIApplication(
-        HealthService(lambda: readiness(node)[0]),
+        HealthService(lambda: readiness(node)[0], lambda: node.draining or node.closed),
         read_max_bytes=small,
         compressions=[BoundedGzip(small)],
     )
@@ -204,7 +204,7 @@ def _cors(origins: tuple[str, ...]) -> list[Middleware]:
 
 def readiness(node: Node) -> tuple[bool, dict[str, Any]]:
     """Ready = recovered and accepting writes; otherwise say why."""
-    if node.closed:
+    if node.closed or node.draining:
         return False, {"ready": False, "reason": "shutting down"}
     if node.write_failure:
         return False, {"ready": False, "reason": node.write_failure}

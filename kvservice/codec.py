@@ -119,7 +119,7 @@ class CompactJSONCodec:
         message.Clear()
         try:
             json_format.Parse(bytes(data), message, ignore_unknown_fields=True)
-        except (json_format.ParseError, ValueError, TypeError) as exc:
+        except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
             raise ConnectError(Code.INVALID_ARGUMENT, f"malformed JSON request: {exc}") from None
         return message
 
@@ -130,6 +130,10 @@ class CompactJSONCodec:
             obj = json.loads(data)
         except ValueError:
             return False
+        except RecursionError:  # deeply nested arrays or objects
+            raise ConnectError(
+                Code.INVALID_ARGUMENT, "malformed JSON request: nested too deeply"
+            ) from None
         if type(obj) is not dict:
             # json_format lets `[]` or `"x"` through as an empty message; a client
             # sending that has a bug worth hearing about.

@@ -23,8 +23,9 @@ WATCH_POLL_SECONDS = 1.0
 class HealthService:
     """SERVING while the node is ready (recovered, accepting writes), else NOT_SERVING."""
 
-    def __init__(self, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, is_ready: Callable[[], bool], is_stopping: Callable[[], bool]) -> None:
         self.is_ready = is_ready
+        self.is_stopping = is_stopping
 
     def _status(self, request: HealthCheckRequest) -> ServingStatus:
         if request.service not in KNOWN_SERVICES:
@@ -39,11 +40,17 @@ class HealthService:
     async def watch(
         self, request: HealthCheckRequest, ctx: RequestContext[Any, Any]
     ) -> AsyncIterator[HealthCheckResponse]:
-        """Stream the status now and on every change (polled; ends with the connection)."""
+        """Stream the status now and on every change (polled).
+
+        Ends with the connection, or with NOT_SERVING once the node starts
+        shutting down, so an open Watch never holds up a graceful shutdown.
+        """
         last = None
         while True:
             status = self._status(request)
             if status != last:
                 last = status
                 yield HealthCheckResponse(status=status)
+            if self.is_stopping():
+                return
             await asyncio.sleep(WATCH_POLL_SECONDS)

@@ -23,7 +23,12 @@ from kvservice.engine import Store
 from kvservice.errors import InvalidArgument, Unavailable
 from kvservice.metrics import Metrics
 from kvservice.storage.recovery import Recovery, data_dirs
-from kvservice.storage.snapshot import fork_snapshot, prune_snapshots, snapshot_name
+from kvservice.storage.snapshot import (
+    child_error,
+    fork_snapshot,
+    prune_snapshots,
+    snapshot_name,
+)
 from kvservice.storage.wal import Wal, list_segments, purge_segments
 from kvservice.v1.log_pb2 import LogEntry
 
@@ -84,6 +89,9 @@ class Node:
         self._snapshot_pid: int | None = None
         self.last_snapshot_unix = _mtime(recovery.snapshot_path)
         self.closed = False
+        # Set by the first SIGTERM/SIGINT: readiness and health turn NOT_SERVING
+        # at once, so load balancers stop sending while requests drain.
+        self.draining = False
         metrics.bind_node(self)
 
     # -- lifecycle ------------------------------------------------------------
@@ -110,6 +118,10 @@ class Node:
                 os.kill(self._snapshot_pid, 9)
                 os.waitpid(self._snapshot_pid, 0)
         self.wal.close_sync()
+
+    def begin_drain(self) -> None:
+        """A shutdown signal arrived: report not ready while requests finish."""
+        self.draining = True
 
     @property
     def write_failure(self) -> str | None:
@@ -155,6 +167,10 @@ class Node:
 
     async def snapshot(self) -> SnapshotInfo | None:
         """Take a snapshot now (or join the one running); None when it failed (logged)."""
+        if self.wal.failure is not None:
+            # Memory may hold writes the failed WAL never made durable (they were
+            # answered `unavailable`); a snapshot would make them durable after all.
+            raise Unavailable(self.wal.failure)
         if self._snapshot_task is None:
             self._snapshot_task = asyncio.create_task(self._snapshot(), name="snapshot")
         return await asyncio.shield(self._snapshot_task)
@@ -165,13 +181,14 @@ class Node:
         self._wal_bytes_at_snapshot = self.wal.stats.bytes_written
         started = time.monotonic()
         try:
-            self._snapshot_pid = fork_snapshot(self.snap_dir, self.store.data, revision)
+            self._snapshot_pid, errors = fork_snapshot(self.snap_dir, self.store.data, revision)
             _, status = await asyncio.get_running_loop().run_in_executor(
                 None, os.waitpid, self._snapshot_pid, 0
             )
             self._snapshot_pid = None
+            reason = child_error(errors)
             if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-                raise OSError(f"snapshot child failed (wait status {status})")
+                raise OSError(f"snapshot child failed: {reason or f'wait status {status}'}")
             oldest_kept = prune_snapshots(self.snap_dir)
             purge_segments(self.wal_dir, oldest_kept)
         except OSError as exc:

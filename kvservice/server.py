@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -26,12 +27,17 @@ class Server(uvicorn.Server):
     """uvicorn's server, but any second SIGTERM/SIGINT forces exit, and a signal
     that led to a clean shutdown is not re-raised (so the exit status is 0)."""
 
+    def __init__(self, config: uvicorn.Config, on_first_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_first_signal = on_first_signal
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
             log.warning("second signal: exiting now", extra={"signal": signal.Signals(sig).name})
             self.force_exit = True
         else:
             log.info("shutting down", extra={"signal": signal.Signals(sig).name})
+            self.on_first_signal()
             self.should_exit = True
 
 
@@ -60,7 +66,7 @@ def serve(settings: Settings, recovery: Recovery) -> None:
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
     )
     try:
-        Server(config).run()
+        Server(config, on_first_signal=node.begin_drain).run()
     except SystemExit as exc:
         # uvicorn exits with its own code 3 when it cannot listen (port in use, no
         # permission); in kvservice 3 means the data dir was refused, so re-raise.

@@ -75,3 +75,10 @@ def test_malformed_protobuf_is_invalid_argument() -> None:
     with pytest.raises(ConnectError) as info:
         CheckedProtoCodec().decode(b"\x0a\x05ab", SetRequest())  # length 5, 2 bytes present
     assert info.value.code == Code.INVALID_ARGUMENT
+
+
+def test_deeply_nested_json_is_invalid_argument() -> None:
+    """Nesting deep enough to exhaust the recursion limit is the client's fault."""
+    with pytest.raises(ConnectError) as info:
+        codec.decode(b"[" * 200_000, SetRequest())
+    assert info.value.code == Code.INVALID_ARGUMENT

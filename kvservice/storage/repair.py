@@ -9,6 +9,7 @@ damaged snapshots are renamed likewise. Nothing is ever deleted.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -18,13 +19,17 @@ from kvservice.storage.files import DataDirLocked, fsync_dir, lock_data_dir, tru
 from kvservice.storage.recovery import data_dirs, recover, tail_damage
 from kvservice.storage.snapshot import list_snapshots, load_snapshot
 from kvservice.storage.wal import list_segments, segment_revision
+from kvservice.v1.log_pb2 import LogEntry
 
 log = logging.getLogger("kvservice.repair")
-OK, DAMAGED = 0, 3
+OK, NO_DATA_DIR, DAMAGED = 0, 2, 3
 
 
 def check(data_dir: Path) -> int:
     """Report every problem found; return 0 when clean, 3 when anything is damaged."""
+    if not data_dir.is_dir():
+        _say(f"refused  {data_dir} is not a directory (a typo in --data-dir?)")
+        return NO_DATA_DIR
     wal_dir, snap_dir = data_dirs(data_dir)
     problems: list[str] = []
     for _, path in list_snapshots(snap_dir) if snap_dir.exists() else []:
@@ -76,6 +81,9 @@ def _check_segment(path: Path, *, is_last: bool) -> list[str]:
 
 def repair(data_dir: Path) -> int:
     """Make the data dir start-able again, losing as little as possible; 0 on success."""
+    if not data_dir.is_dir():
+        _say(f"refused  {data_dir} is not a directory (a typo in --data-dir?)")
+        return NO_DATA_DIR
     try:
         lock = lock_data_dir(data_dir)
     except DataDirLocked as exc:
@@ -109,9 +117,17 @@ def repair(data_dir: Path) -> int:
 
 def _cut_at(path: Path, offset: int, reason: str) -> None:
     wal_dir = path.parent
-    shutil.copy2(path, _broken_name(path))
+    kept = _broken_name(path)
+    # The copy must be durable before the cut is, or a power loss could keep the
+    # cut and lose the only full copy.
+    shutil.copyfile(path, kept)
+    with open(kept, "rb+") as copy:
+        os.fsync(copy.fileno())
+    fsync_dir(wal_dir)
+    last_good = _last_revision_before(path, offset)
     truncate_durably(path, offset)
-    _say(f"cut      {path} at byte {offset} ({reason}); original kept as {_broken_name(path)}")
+    _say(f"cut      {path} at byte {offset} ({reason}); original kept as {kept}")
+    _say(f"lost     revisions after {last_good} are no longer in the log")
     for later in list_segments(wal_dir):
         if segment_revision(later) > segment_revision(path):
             _say(f"moved    {later} aside: it follows the cut, so its revisions cannot be replayed")
@@ -119,8 +135,22 @@ def _cut_at(path: Path, offset: int, reason: str) -> None:
     fsync_dir(wal_dir)
 
 
+def _last_revision_before(path: Path, offset: int) -> int:
+    """Revision of the last record before `offset` (the one before the segment if none)."""
+    last = segment_revision(path) - 1
+    for _, payload in record.scan(path.read_bytes()[:offset], str(path)):
+        last = LogEntry.FromString(payload).revision
+    return last
+
+
 def _broken_name(path: Path) -> Path:
-    return path.with_name(path.name + ".broken")
+    """`<name>.broken`, or `<name>.broken.N` so an earlier copy is never overwritten."""
+    candidate = path.with_name(path.name + ".broken")
+    n = 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}.broken.{n}")
+        n += 1
+    return candidate
 
 
 def _move_aside(path: Path) -> None:

@@ -32,6 +32,9 @@ from kvservice.v1.log_pb2 import SnapshotChunk, SnapshotHeader, SnapshotTrailer
 
 SNAPSHOT_SUFFIX = ".snap"
 CHUNK_KEYS = 4096
+# A chunk also ends once its values pass this size, so large values never make a
+# record anywhere near record.MAX_PAYLOAD (4096 values of 1 MiB would).
+CHUNK_BYTES = 4 * 1024 * 1024
 # How many snapshots to keep: the newest, and one to fall back on if it is damaged.
 KEEP_SNAPSHOTS = 2
 
@@ -55,12 +58,23 @@ def encode_snapshot(data: dict[str, bytes], revision: int) -> Iterator[bytes]:
         revision=revision, key_count=len(data), created_unix_ms=int(time.time() * 1000)
     )
     yield record.encode(header.SerializeToString())
-    keys = list(data)
-    for start in range(0, len(keys), CHUNK_KEYS):
-        chunk_keys = keys[start : start + CHUNK_KEYS]
-        chunk = SnapshotChunk(keys=chunk_keys, revisioned_values=[data[k] for k in chunk_keys])
-        yield record.encode(chunk.SerializeToString())
+    keys: list[str] = []
+    values: list[bytes] = []
+    size = 0
+    for key, value in data.items():
+        keys.append(key)
+        values.append(value)
+        size += len(key) + len(value)
+        if len(keys) == CHUNK_KEYS or size >= CHUNK_BYTES:
+            yield _chunk_record(keys, values)
+            keys, values, size = [], [], 0
+    if keys:
+        yield _chunk_record(keys, values)
     yield record.encode(SnapshotTrailer(key_count=len(data)).SerializeToString())
+
+
+def _chunk_record(keys: list[str], values: list[bytes]) -> bytes:
+    return record.encode(SnapshotChunk(keys=keys, revisioned_values=values).SerializeToString())
 
 
 def write_snapshot(snap_dir: Path, data: dict[str, bytes], revision: int) -> Path:
@@ -155,26 +169,40 @@ class _Loader:
         return header
 
 
-def fork_snapshot(snap_dir: Path, data: dict[str, bytes], revision: int) -> int:
-    """Fork a child that writes a snapshot of `data` and exits; return its pid.
+def fork_snapshot(snap_dir: Path, data: dict[str, bytes], revision: int) -> tuple[int, int]:
+    """Fork a child that writes a snapshot of `data` and exits.
 
-    The child exits 0 on success and 1 on failure; it never returns here, runs
-    no event loop and takes no locks, so inherited threads cannot hang it.
+    Returns (pid, fd): the child exits 0 on success and 1 on failure, and
+    writes why it failed to the pipe `fd` (read it with `child_error`). The
+    child never returns here, runs no event loop and takes no locks (no
+    logging), so inherited threads cannot hang it.
     """
+    read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid != 0:
-        return pid
+        os.close(write_fd)
+        return pid, read_fd
     code = 1
     try:
+        os.close(read_fd)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         _die_with_parent()
         write_snapshot(snap_dir, data, revision)
         code = 0
-    except BaseException:  # the child must reach os._exit whatever happens
-        code = 1
+    except BaseException as exc:  # the child must reach os._exit whatever happens
+        with contextlib.suppress(BaseException):
+            os.write(write_fd, f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:4096])
     finally:
         os._exit(code)
+
+
+def child_error(fd: int) -> str:
+    """Read (and close) the failure reason a snapshot child left in its pipe."""
+    try:
+        return os.read(fd, 4096).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
 
 
 def _die_with_parent() -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kvservice.health.v1.health_connect import HealthClientSync
+from kvservice.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from kvservice.storage import record
 from kvservice.storage.wal import Wal, create_segment, list_segments, segment_name
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
@@ -191,3 +193,25 @@ def test_wal_close_fsyncs_a_retired_segment_whose_flush_never_started(
         for _, payload in record.scan(path.read_bytes())
     ]
     assert revisions == list(range(1, records + 1))
+
+
+def test_open_health_watch_does_not_hold_up_shutdown(make_server: MakeServer) -> None:
+    """A Health/Watch stream gets NOT_SERVING at SIGTERM and ends; the node exits at once."""
+    server = make_server("--shutdown-timeout-seconds", "20").start()
+    statuses: list[int] = []
+
+    def watch() -> None:
+        with HealthClientSync(server.url, timeout_ms=30_000) as health:
+            statuses.extend(r.status for r in health.watch(HealthCheckRequest()))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    deadline = time.monotonic() + 10
+    while not statuses and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert statuses == [HealthCheckResponse.SERVING]
+    started = time.monotonic()
+    assert server.stop(timeout=15) == 0
+    assert time.monotonic() - started < 5  # not the 20 s drain timeout
+    watcher.join(5)
+    assert statuses == [HealthCheckResponse.SERVING, HealthCheckResponse.NOT_SERVING]

@@ -98,6 +98,7 @@ def test_wal_repair_keeps_broken_copy_cuts_at_last_good_record_and_node_starts(
     assert broken.read_bytes() == damaged
     assert seg.read_bytes() == damaged[: victim.offset]
     assert f"cut      {seg} at byte {victim.offset}" in out, out
+    assert "lost     revisions after 12 are no longer in the log" in out, out
     code, out = wal("check", data_dir)
     assert code == 0, out
 
@@ -161,3 +162,13 @@ def test_wal_repair_refuses_while_the_node_runs(make_server: MakeServer, tmp_pat
     assert code == EXIT_STORAGE, out
     assert "stop the node first" in out
     assert server.stop(timeout=20) == 0
+
+
+@pytest.mark.parametrize("command", ["check", "repair"])
+def test_wal_tools_refuse_a_missing_data_dir(tmp_path: Path, command: str) -> None:
+    """A typo in --data-dir is refused (exit 2), never reported clean or created."""
+    missing = tmp_path / "no-such-dir"
+    code, out = wal(command, missing)
+    assert code == 2, out
+    assert "is not a directory" in out
+    assert not missing.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,13 @@ from hypothesis import strategies as st
 
 from kvservice.engine import REVISION
 from kvservice.errors import CorruptRecord, StorageError
+from kvservice.storage import record
 from kvservice.storage.recovery import recover
 from kvservice.storage.snapshot import (
+    CHUNK_BYTES,
     CHUNK_KEYS,
+    child_error,
+    fork_snapshot,
     list_snapshots,
     load_snapshot,
     write_snapshot,
@@ -113,3 +118,22 @@ def test_damaged_newest_snapshot_is_skipped_not_loaded(tmp_path: Path) -> None:
     assert not newest.exists()
     assert newest.with_name(newest.name + ".broken").read_bytes() == bytes(raw)
     assert [rev for rev, _ in list_snapshots(tmp_path / "snap")] == [snaps[1][0]]
+
+
+def test_large_values_are_split_into_bounded_chunks(tmp_path: Path) -> None:
+    """Chunks end by size as well as by key count, far below the record limit."""
+    value = REVISION.pack(1) + b"v" * (1 << 20)
+    data = {f"big{i}": value for i in range(12)}
+    path = write_snapshot(tmp_path, data, 1)
+    sizes = [len(p) for _, p in record.scan(path.read_bytes())]
+    assert max(sizes) < CHUNK_BYTES + (1 << 20) + 4096
+    assert len(sizes) >= 2 + 12 * (1 << 20) // CHUNK_BYTES
+    assert load_snapshot(path).data == data
+
+
+def test_a_failed_snapshot_child_says_why(tmp_path: Path) -> None:
+    """The parent learns the child's reason through the pipe, for the log."""
+    pid, errors = fork_snapshot(tmp_path / "missing-dir", {}, 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 1
+    assert "missing-dir" in child_error(errors)
