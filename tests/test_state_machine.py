@@ -17,13 +17,15 @@ values = st.binary(max_size=64)
 
 
 class NodeMatchesDict(RuleBasedStateMachine):
+    policy = "always"
+
     def __init__(self) -> None:
         super().__init__()
         self.tmp = tempfile.TemporaryDirectory()
         self.data_dir = Path(self.tmp.name) / "data"
         # Tiny segments and snapshot threshold so rotation, snapshots and purges happen.
         self.node = LoopNode(
-            self.data_dir, fsync="always", wal_segment_bytes=4096, snapshot_threshold_bytes=8192
+            self.data_dir, fsync=self.policy, wal_segment_bytes=4096, snapshot_threshold_bytes=8192
         )
         self.model: dict[str, bytes] = {}
         self.revisions: dict[str, int] = {}
@@ -93,3 +95,15 @@ class NodeMatchesDict(RuleBasedStateMachine):
 
 NodeMatchesDict.TestCase.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
 test_node_matches_dict = NodeMatchesDict.TestCase
+
+
+class NodeAtFsyncNoMatchesDict(NodeMatchesDict):
+    """The same at fsync=no: a process crash keeps what was written to the OS."""
+
+    policy = "no"
+
+
+NodeAtFsyncNoMatchesDict.TestCase.settings = settings(
+    max_examples=25, stateful_step_count=30, deadline=None
+)
+test_node_at_fsync_no_matches_dict = NodeAtFsyncNoMatchesDict.TestCase
