@@ -1,9 +1,10 @@
 """A node: the store, its WAL and snapshots, and the rules for a write.
 
 The write path is: validate -> build the LogEntry for the next revision ->
-write its record to the OS -> apply it in memory -> wait until it is durable
-per the fsync policy -> acknowledge. No await separates the first three
-steps, so log order, memory order and revision order are the same.
+hand its record to the WAL (written to the OS now, or queued for the fsync
+thread at fsync=always) -> apply it in memory -> wait until it is durable per
+the fsync policy -> acknowledge. No await separates the first three steps, so
+log order, memory order and revision order are the same.
 Reads see a write as soon as it is applied, before it is durable (as in
 Redis); a write is acknowledged only once durable.
 """
