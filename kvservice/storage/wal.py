@@ -83,7 +83,6 @@ class WalStats:
 
     bytes_written: int = 0
     fsyncs: int = 0
-    last_fsync_seconds: float = 0.0
     last_batch_size: int = 0
 
 
@@ -172,10 +171,10 @@ class Wal:
             self._pending.append(data)
         else:
             try:
-                _write_all(self._fd, data)
+                # The segment's size is known here: no fstat on the hot path.
+                _write_group(self._fd, [data], start=self._size)
             except OSError as exc:
-                self._cut_partial_record()
-                self._fail(f"the disk refused a WAL write ({exc})")
+                self._fail(_describe(exc))
                 raise Unavailable(self.failure) from exc
         self._size += len(data)
         self.stats.bytes_written += len(data)
@@ -267,11 +266,6 @@ class Wal:
         except OSError as exc:
             self._fail(_describe(exc))
 
-    def _cut_partial_record(self) -> None:
-        """After a failed write, remove whatever part of the record reached the file."""
-        with contextlib.suppress(OSError):
-            os.ftruncate(self._fd, self._size)
-
     def _take_pending(self) -> list[bytes | _Rotate]:
         pending, self._pending = self._pending, []
         return pending
@@ -299,7 +293,6 @@ class Wal:
             raise
         elapsed = loop.time() - started
         self.stats.fsyncs += 1
-        self.stats.last_fsync_seconds = elapsed
         if self._on_fsync is not None:
             self._on_fsync(elapsed, self.stats.last_batch_size)
 
@@ -412,11 +405,15 @@ def _describe(exc: OSError, when: str = "") -> str:
     return f"{what}{' ' + when if when else ''} ({exc})"
 
 
-def _write_group(fd: int, records: list[bytes]) -> None:
-    """Write queued records in one call; on failure cut whatever part reached the file."""
+def _write_group(fd: int, records: list[bytes], start: int | None = None) -> None:
+    """Write records in one call; on failure cut whatever part reached the file.
+
+    `start` is the file's size before the write, when the caller knows it.
+    """
     if not records:
         return
-    start = os.fstat(fd).st_size
+    if start is None:
+        start = os.fstat(fd).st_size
     try:
         _write_all(fd, b"".join(records))
     except OSError as exc:
