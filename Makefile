@@ -9,6 +9,11 @@ BUF    := node_modules/.bin/buf
 # buf runs the local plugins (protoc-gen-connect-python, python -m grpc_tools.protoc) from the venv.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
+# A second interpreter the tests run the snapshot path under (Python 3.13 warns when a
+# threaded process forks; kvservice must not). pyenv installs it on these machines.
+PY313    ?= $(wildcard $(HOME)/.pyenv/versions/3.13.*/bin/python)
+VENV313  := .venv-py3.13
+
 # Directories of generated code (committed, never edited by hand).
 GENERATED := kvservice/v1 kvservice/health/v1
 
@@ -28,7 +33,13 @@ $(BUF): package.json
 	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(VENV)/.installed $(BUF)
+$(VENV313)/.installed: pyproject.toml
+	$(firstword $(PY313)) -m venv $(VENV313)
+	$(VENV313)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV313)/bin/python -m pip install --quiet -e .
+	touch $@
+
+setup: $(VENV)/.installed $(BUF) $(if $(PY313),$(VENV313)/.installed)
 
 ## Debian tools the tests use: promtool (alert rules) and a C compiler (fault-injection shim).
 tools:
@@ -69,4 +80,4 @@ bench-smoke: setup
 	$(PY) -m bench.run --smoke
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV313) node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

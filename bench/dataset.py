@@ -13,8 +13,8 @@ from typing import Final
 
 from kvservice.engine import REVISION, SET
 from kvservice.storage import record
+from kvservice.storage.segments import segment_name
 from kvservice.storage.snapshot import write_snapshot
-from kvservice.storage.wal import segment_name
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
 from kvservice.v1.log_pb2 import LogEntry
 

@@ -29,7 +29,8 @@ from kvservice.v1.admin_connect import AdminASGIApplication
 from kvservice.v1.kv_connect import KVStoreASGIApplication
 
 if TYPE_CHECKING:
-    from kvservice.metrics import ASGIApp, Receive, Scope, Send
+    from kvservice.config import Settings
+    from kvservice.metrics import ASGIApp, Metrics, Receive, Scope, Send
     from kvservice.node import Node
 
 # Room for the key, the protobuf/JSON framing and base64 (4/3) around a value.
@@ -113,10 +114,9 @@ async def _connect_error(send: Send, status: int, code: str, message: str) -> No
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(node: Node) -> Starlette:
+def create_app(node: Node, settings: Settings, metrics: Metrics) -> Starlette:
     """Build the ASGI app serving `node`; the lifespan starts and closes the node."""
     codec.install()
-    settings = node.settings
     max_body = settings.max_value_bytes * 4 // 3 + REQUEST_OVERHEAD_BYTES
     kv = KVStoreASGIApplication(
         KVStoreService(node), read_max_bytes=max_body, compressions=[BoundedGzip(max_body)]
@@ -133,7 +133,7 @@ def create_app(node: Node) -> Starlette:
     )
     rpc: ASGIApp = RpcMetricsMiddleware(
         RequestGuard(kv, max_body),
-        node.metrics,
+        metrics,
         kv.path + "/",
         methods=_method_names("KVStore"),
         log_access=settings.access_log,
@@ -147,8 +147,8 @@ def create_app(node: Node) -> Starlette:
         ready, body = readiness(node)
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    async def metrics(_: Request) -> Response:
-        return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -176,7 +176,7 @@ def create_app(node: Node) -> Starlette:
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/metrics", metrics),
+            Route("/metrics", metrics_endpoint),
         ],
         lifespan=lifespan,
     )

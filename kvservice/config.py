@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     snapshot_threshold_bytes: int = Field(
         64 * MiB, ge=4 * KiB, description="take a snapshot after this many WAL bytes"
     )
+    wal_retention_max_bytes: int = Field(
+        1024 * MiB, ge=0,
+        description="most WAL bytes kept behind the snapshots for consumers that still need"
+        " them (replicas, watch streams); past it the oldest segments go and they resync",
+    )  # fmt: skip
     log_level: LogLevel = Field("info", description="lowest level logged")
     log_format: LogFormat = Field("json", description="json lines, or text for people")
     access_log: bool = Field(False, description="log every request")
@@ -69,7 +74,8 @@ class Settings(BaseSettings):
 
     @field_validator(
         "port", "max_key_bytes", "max_value_bytes", "wal_segment_bytes",
-        "snapshot_threshold_bytes", "shutdown_timeout_seconds", mode="before",
+        "snapshot_threshold_bytes", "wal_retention_max_bytes", "shutdown_timeout_seconds",
+        mode="before",
     )  # fmt: skip
     @classmethod
     def _no_booleans_as_numbers(cls, value: object) -> object:

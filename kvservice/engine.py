@@ -11,15 +11,12 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from kvservice.errors import RevisionGap
 from kvservice.v1.log_pb2 import LogEntry
 
 REVISION: Final = struct.Struct(">Q")
 SET: Final = LogEntry.OPERATION_SET
 DELETE: Final = LogEntry.OPERATION_DELETE
-
-
-class RevisionGap(Exception):
-    """An entry does not carry the next revision; applying it would fork history."""
 
 
 class Store:

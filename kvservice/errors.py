@@ -1,4 +1,8 @@
-"""Domain errors. `service.py` is the one place that maps them to Connect codes."""
+"""Domain errors, named after what went wrong.
+
+`api` code (service.py) is the one place that maps them to Connect codes;
+nothing below it knows about the transport.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +19,47 @@ class ResourceExhausted(KVError):
     """A configured limit was reached; retrying the same request will not help."""
 
 
-class Unavailable(KVError):
-    """The node cannot serve this now (e.g. the disk refused a write: fail-stop)."""
+class WalFailed(KVError):
+    """The WAL refused a write or fsync, or its flusher died: the node is read-only now."""
+
+
+class ShuttingDown(KVError):
+    """The node is closing and takes no more writes."""
+
+
+class SnapshotFailed(KVError):
+    """A snapshot could not be written (the reason is in the log and the message)."""
+
+
+class Compacted(KVError):
+    """The revisions asked for are no longer in the WAL on disk (purged after a snapshot)."""
+
+    def __init__(self, after: int, oldest: int) -> None:
+        super().__init__(
+            f"revisions after {after} are compacted; the oldest revision still in the WAL"
+            f" is {oldest}"
+        )
+        self.after = after
+        self.oldest = oldest
+
+
+class FeedOverflow(KVError):
+    """A commit feed subscriber fell too far behind; it resumes from the backlog."""
+
+    def __init__(self, last_revision: int, limit: int) -> None:
+        super().__init__(
+            f"subscriber fell more than {limit} entries behind after revision {last_revision};"
+            " resume from the backlog"
+        )
+        self.last_revision = last_revision
 
 
 class StorageError(KVError):
     """The on-disk state is unusable; raised at start-up, by `wal check` and snapshots."""
+
+
+class RevisionGap(StorageError):
+    """An entry does not carry the next revision; applying it would fork history."""
 
 
 class CorruptRecord(StorageError):

@@ -7,8 +7,10 @@ import json
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import accumulate
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -24,9 +26,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, MutableMapping
+    from collections.abc import Awaitable, MutableMapping
 
-    from kvservice.node import Node
     from kvservice.storage.recovery import Recovery
 
     Scope = MutableMapping[str, Any]
@@ -47,6 +48,20 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _STATUS_CODES = {400: "invalid_argument", 404: "unimplemented", 405: "unimplemented",
                  408: "deadline_exceeded", 413: "resource_exhausted", 415: "invalid_argument",
                  429: "resource_exhausted", 503: "unavailable"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class NodeGauges:
+    """What the node's gauges read at scrape time (small callables, no node import)."""
+
+    keys: Callable[[], int]
+    revision: Callable[[], int]
+    durable_revision: Callable[[], int]
+    wal_written_bytes: Callable[[], int]
+    writes_accepted: Callable[[], int]
+    wal_segments: Callable[[], int]
+    wal_dir: Path
+    last_snapshot_unix: Callable[[], float | None]
 
 
 class Metrics:
@@ -79,6 +94,10 @@ class Metrics:
         )
         self.keys = Gauge("kvservice_keys", "Keys in the store", registry=r)
         self.revision = Gauge("kvservice_revision", "Current (last committed) revision", registry=r)
+        self.durable_revision = Gauge(
+            "kvservice_durable_revision",
+            "Durable watermark: the highest revision durable per the fsync policy", registry=r,
+        )  # fmt: skip
         self.wal_bytes = Gauge(
             "kvservice_wal_size_bytes", "Bytes in WAL segments on disk", registry=r
         )
@@ -112,16 +131,17 @@ class Metrics:
         self.recovery_seconds.set(recovery.seconds)
         self.recovery_records.set(recovery.records_replayed)
 
-    def bind_node(self, node: Node) -> None:
+    def watch(self, node: NodeGauges) -> None:
         """Read gauges from the node at scrape time instead of on every write."""
-        self.keys.set_function(lambda: len(node.store))
-        self.revision.set_function(lambda: node.store.revision)
-        self.wal_written.set_function(lambda: node.wal.stats.bytes_written)
-        self.writable.set_function(lambda: 0 if node.write_failure else 1)
+        self.keys.set_function(node.keys)
+        self.revision.set_function(node.revision)
+        self.durable_revision.set_function(node.durable_revision)
+        self.wal_written.set_function(node.wal_written_bytes)
+        self.writable.set_function(node.writes_accepted)
         self.wal_segments.set_function(node.wal_segments)
-        self.wal_bytes.set_function(lambda: _dir_bytes(node))
+        self.wal_bytes.set_function(lambda: _dir_bytes(node.wal_dir))
         self.snapshot_age.set_function(
-            lambda: time.time() - (node.last_snapshot_unix or self.started)
+            lambda: time.time() - (node.last_snapshot_unix() or self.started)
         )
 
 
@@ -168,9 +188,9 @@ class RpcStats(Collector):
         yield latency
 
 
-def _dir_bytes(node: Node) -> int:
+def _dir_bytes(wal_dir: Path) -> int:
     total = 0
-    for path in node.wal_dir.glob("*.wal"):
+    for path in wal_dir.glob("*.wal"):
         try:
             total += path.stat().st_size
         except OSError:

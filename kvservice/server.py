@@ -6,15 +6,21 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from kvservice.app import create_app
 from kvservice.config import Settings
-from kvservice.metrics import Metrics
-from kvservice.node import Node
+from kvservice.feed import CommitFeed
+from kvservice.metrics import Metrics, NodeGauges
+from kvservice.node import Limits, Node
+from kvservice.snapshots import Snapshotter
 from kvservice.storage.recovery import Recovery
+from kvservice.storage.retention import Retention
+from kvservice.storage.segments import data_dirs, list_segments
+from kvservice.storage.wal import Wal
 
 log = logging.getLogger("kvservice.server")
 
@@ -48,13 +54,66 @@ class Server(uvicorn.Server):
 GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 
 
+def build_node(settings: Settings, recovery: Recovery, metrics: Metrics) -> Node:
+    """Assemble a node from its parts: the one place that wires WAL, commit feed,
+    retention, snapshots and metrics together (nothing below imports metrics)."""
+    assert recovery.active_segment is not None
+    wal_dir, _ = data_dirs(settings.data_dir)
+    feed = CommitFeed(recovery.store.revision)
+    wal = Wal(
+        wal_dir,
+        policy=settings.fsync,
+        segment_bytes=settings.wal_segment_bytes,
+        active_segment=recovery.active_segment,
+        last_revision=recovery.store.revision,
+        on_fsync=metrics.observe_fsync,
+        on_durable=feed.advance,
+    )
+    retention = Retention(wal_dir, settings.wal_retention_max_bytes)
+    snapshotter = Snapshotter(
+        settings.data_dir,
+        wal,
+        retention,
+        threshold_bytes=settings.snapshot_threshold_bytes,
+        last_snapshot_unix=_mtime(recovery.snapshot_path),
+        on_written=metrics.snapshot_seconds.observe,
+        on_failed=metrics.snapshot_failures.inc,
+    )
+    node = Node(
+        recovery.store, wal, feed, snapshotter,
+        Limits(settings.max_key_bytes, settings.max_value_bytes),
+    )  # fmt: skip
+    metrics.observe_recovery(recovery)
+    metrics.watch(
+        NodeGauges(
+            keys=lambda: len(node.store),
+            revision=lambda: node.store.revision,
+            durable_revision=lambda: wal.durable_revision,
+            wal_written_bytes=lambda: wal.stats.bytes_written,
+            writes_accepted=lambda: 0 if node.write_failure else 1,
+            wal_segments=lambda: len(list_segments(wal_dir)),
+            wal_dir=wal_dir,
+            last_snapshot_unix=lambda: snapshotter.last_snapshot_unix,
+        )
+    )
+    return node
+
+
+def _mtime(path: Path | None) -> float | None:
+    if path is None:
+        return None
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
 def serve(settings: Settings, recovery: Recovery) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
     metrics = Metrics()
-    metrics.observe_recovery(recovery)
-    node = Node(settings, recovery, metrics)
+    node = build_node(settings, recovery, metrics)
     config = uvicorn.Config(
-        create_app(node),
+        create_app(node, settings, metrics),
         host=settings.host,
         port=settings.port,
         loop="uvloop",

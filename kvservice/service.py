@@ -14,7 +14,16 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from kvservice.errors import InvalidArgument, KVError, ResourceExhausted, Unavailable
+from kvservice.errors import (
+    Compacted,
+    FeedOverflow,
+    InvalidArgument,
+    KVError,
+    ResourceExhausted,
+    ShuttingDown,
+    SnapshotFailed,
+    WalFailed,
+)
 from kvservice.node import Node
 from kvservice.v1.admin_pb2 import SnapshotRequest, SnapshotResponse
 from kvservice.v1.kv_pb2 import (
@@ -31,10 +40,15 @@ S = TypeVar("S")
 Req = TypeVar("Req")
 R = TypeVar("R")
 Handler = Callable[[S, Req, RequestContext[Any, Any]], Coroutine[Any, Any, R]]
+# The one map from domain errors to Connect codes (first match wins).
 CODES: dict[type[KVError], Code] = {
     InvalidArgument: Code.INVALID_ARGUMENT,
     ResourceExhausted: Code.RESOURCE_EXHAUSTED,
-    Unavailable: Code.UNAVAILABLE,
+    FeedOverflow: Code.RESOURCE_EXHAUSTED,
+    Compacted: Code.OUT_OF_RANGE,
+    WalFailed: Code.UNAVAILABLE,
+    ShuttingDown: Code.UNAVAILABLE,
+    SnapshotFailed: Code.UNAVAILABLE,
 }
 
 
@@ -76,8 +90,6 @@ class AdminService:
         self, request: SnapshotRequest, ctx: RequestContext[Any, Any]
     ) -> SnapshotResponse:
         info = await self.node.snapshot()
-        if info is None:
-            raise Unavailable("the snapshot failed; the server log has the reason")
         return SnapshotResponse(
             revision=info.revision, path=str(info.path), key_count=info.key_count
         )

@@ -9,13 +9,14 @@ from typing import Any
 from kvservice.config import Settings
 from kvservice.metrics import Metrics
 from kvservice.node import Node
+from kvservice.server import build_node
 from kvservice.storage.recovery import recover
 
 
 def open_node(data_dir: Path, **overrides: Any) -> Node:
     """Recover `data_dir` and return a node (call node.start() inside a running loop)."""
     settings = Settings(data_dir=data_dir, **overrides)
-    return Node(settings, recover(data_dir), Metrics())
+    return build_node(settings, recover(data_dir), Metrics())
 
 
 class LoopNode:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
+
+TMP_SUFFIX = ".tmp"
 
 
 def fsync_dir(path: Path) -> None:
@@ -17,24 +20,36 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via tmp -> fsync -> rename -> fsync dir."""
-    tmp = path.with_name(path.name + ".tmp")
+def create_atomically(path: Path, chunks: Iterable[bytes] = ()) -> Path:
+    """Create `path` holding `chunks`, durably: tmp -> fsync -> rename -> fsync dir.
+
+    The one way kvservice creates a file (segments, snapshots, state): a crash
+    leaves either no file or the whole file, never a part of it under its name
+    (a stale `.tmp` is removed at the next start).
+    """
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        for chunk in chunks:
+            write_all(fd, chunk)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+    return path
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def remove_stale_tmp(directory: Path) -> list[Path]:
     """Delete leftovers of writes that crashed before their rename."""
-    removed = sorted(directory.glob("*.tmp"))
+    removed = sorted(directory.glob(f"*{TMP_SUFFIX}"))
     for path in removed:
         path.unlink()
     if removed:

@@ -13,14 +13,15 @@ Byte layout of one record (all integers little-endian, unsigned 32-bit):
 A file is a plain concatenation of records; there is no file header. Segment
 and snapshot names carry the revision (see wal.py and snapshot.py).
 
-Damage is classified while scanning a buffer:
+Damage is classified by one rule (`classify`), used by recovery, `wal check`
+and `wal repair` alike:
 - *torn*: the buffer ends inside a record (fewer than 12 header bytes, or a
-  valid header whose payload runs past the end), the last record's payload
-  checksum fails, or everything from a bad header to the end is zero bytes
-  (file systems may extend a file with zeros before the data lands).
-  A crash mid-append produces exactly these, so the tail may be cut off.
-- *corrupt*: any other checksum failure, i.e. damage with valid data after it.
-  That is never a crash artefact, so nothing is cut off automatically.
+  valid header whose payload runs past the end), or a record fails its
+  checksums and no valid record starts anywhere after it (the last record's
+  payload, zeros a file system extended the file with, a partly written
+  page). A crash mid-append produces exactly these, so the tail may be cut off.
+- *corrupt*: a checksum failure with a valid record after it. That is never a
+  crash artefact, so nothing is cut off automatically.
 """
 
 from __future__ import annotations
@@ -55,37 +56,83 @@ def encode(payload: bytes) -> bytes:
     return head + HEADER_CRC.pack(crc32c(head)) + payload
 
 
+def _record_at(buf: bytes | bytearray, pos: int, path: str, at: int) -> tuple[bytes, int] | None:
+    """Check the record starting at `buf[pos]`; return (payload, offset after it).
+
+    None when `buf` ends before the record does (wait for more bytes, or it is
+    torn). Raises CorruptRecord, with the stream offset `at`, on any checksum
+    or length failure. This is the only place a record header is trusted.
+    """
+    end = len(buf)
+    if end - pos < HEADER_SIZE:
+        return None
+    length, payload_crc, header_crc = HEADER.unpack_from(buf, pos)
+    if crc32c(bytes(buf[pos : pos + 8])) != header_crc:
+        raise CorruptRecord(path, at, "header checksum mismatch")
+    if length > MAX_PAYLOAD:
+        raise CorruptRecord(path, at, f"payload length {length} exceeds {MAX_PAYLOAD}")
+    start = pos + HEADER_SIZE
+    stop = start + length
+    if stop > end:
+        return None
+    payload = bytes(buf[start:stop])
+    if crc32c(payload) != payload_crc:
+        raise CorruptRecord(path, at, "payload checksum mismatch")
+    return payload, stop
+
+
 def scan(buf: bytes, path: str = "<buffer>") -> Iterator[tuple[int, bytes]]:
     """Yield (offset, payload) for each valid record of `buf`, in order.
 
-    Raises TornRecord or CorruptRecord (carrying `path` and the byte offset of
-    the first bad record) when the buffer does not end on a clean boundary.
+    When `buf` does not end on a clean record boundary, raises TornRecord if
+    the damage is a torn tail (see `classify`) or CorruptRecord otherwise, each
+    carrying `path` and the byte offset of the first bad record.
     """
-    end = len(buf)
     offset = 0
+    end = len(buf)
     while offset < end:
-        remaining = end - offset
-        if remaining < HEADER_SIZE:
-            reason = f"incomplete header ({remaining} of {HEADER_SIZE} bytes)"
-            raise TornRecord(path, offset, reason)
-        length, payload_crc, header_crc = HEADER.unpack_from(buf, offset)
-        if crc32c(buf[offset : offset + 8]) != header_crc:
-            if not buf[offset:].strip(b"\0"):
-                raise TornRecord(path, offset, "zero-filled tail")
-            raise CorruptRecord(path, offset, "header checksum mismatch")
-        if length > MAX_PAYLOAD:
-            raise CorruptRecord(path, offset, f"payload length {length} exceeds {MAX_PAYLOAD}")
-        start = offset + HEADER_SIZE
-        stop = start + length
-        if stop > end:
-            raise TornRecord(path, offset, f"incomplete payload ({end - start} of {length} bytes)")
-        payload = buf[start:stop]
-        if crc32c(payload) != payload_crc:
-            if stop == end:
-                raise TornRecord(path, offset, "payload checksum mismatch in the last record")
-            raise CorruptRecord(path, offset, "payload checksum mismatch")
+        try:
+            found = _record_at(buf, offset, path, offset)
+        except CorruptRecord as damage:
+            raise classify(buf, damage) from None
+        if found is None:
+            raise TornRecord(path, offset, _incomplete(buf, offset))
+        payload, stop = found
         yield offset, payload
         offset = stop
+
+
+def _incomplete(buf: bytes, offset: int) -> str:
+    remaining = len(buf) - offset
+    if remaining < HEADER_SIZE:
+        return f"incomplete header ({remaining} of {HEADER_SIZE} bytes)"
+    length = HEADER.unpack_from(buf, offset)[0]
+    return f"incomplete payload ({remaining - HEADER_SIZE} of {length} bytes)"
+
+
+def classify(buf: bytes, damage: CorruptRecord) -> TornRecord | CorruptRecord:
+    """Tell a torn tail from corruption: damage is torn when no valid record
+    starts anywhere after it (a crash mid-append leaves a record prefix, zeros,
+    or a partly written page, never valid data after the damage).
+
+    The search tries every offset after the damage, one checksum per byte of
+    the remaining tail; real corruption usually finds the next record within
+    one record length.
+    """
+    end = len(buf)
+    for start in range(damage.offset + 1, end - HEADER_SIZE + 1):
+        try:
+            if _record_at(buf, start, damage.path, start) is not None:
+                return damage
+        except CorruptRecord:
+            continue
+    if not buf[damage.offset :].strip(b"\0"):
+        reason = "zero-filled tail"
+    elif damage.reason == "payload checksum mismatch":
+        reason = "payload checksum mismatch in the last record"
+    else:
+        reason = f"{damage.reason}, and no valid record after it"
+    return TornRecord(damage.path, damage.offset, reason)
 
 
 class Decoder:
@@ -93,42 +140,55 @@ class Decoder:
     a network stream) and get whole records back, in order, with their offsets.
 
     It holds at most one partial record between calls, so a large file never
-    has to be in memory at once. Every checksum failure is corruption here:
-    use `scan()` where a torn tail must be told apart (the last WAL segment);
-    a snapshot, written atomically, has no torn tail.
+    has to be in memory at once. Every checksum failure is corruption here
+    (use `scan()` where a torn tail must be told apart: the last WAL segment at
+    start-up); a snapshot, written atomically, has no torn tail, and the
+    backlog reader never reads past the durable watermark. Damage is reported
+    after the good records before it: `feed()` returns those and the next
+    `feed()` or `close()` raises, so a reader that stops early never sees it.
     """
 
-    def __init__(self, path: str = "<stream>") -> None:
+    def __init__(self, path: str = "<stream>", offset: int = 0) -> None:
         self.path = path
         self._buf = bytearray()
-        self._offset = 0  # stream offset of _buf[0]
+        self._offset = offset  # stream offset of _buf[0]
+        self._damage: CorruptRecord | None = None
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Whole records completed by `data`: (stream offset, payload)."""
+        return [(offset, payload) for offset, payload, _ in self._decode(data, raw=False)]
+
+    def feed_records(self, data: bytes) -> list[tuple[int, bytes, bytes]]:
+        """Like feed(), with each record's encoded bytes too: (offset, payload, record)."""
+        return self._decode(data, raw=True)
+
+    def _decode(self, data: bytes, *, raw: bool) -> list[tuple[int, bytes, bytes]]:
+        if self._damage is not None:
+            raise self._damage
         buf = self._buf
         buf += data
         records = []
         pos = 0
-        while len(buf) - pos >= HEADER_SIZE:
-            length, payload_crc, header_crc = HEADER.unpack_from(buf, pos)
-            at = self._offset + pos
-            if crc32c(bytes(buf[pos : pos + 8])) != header_crc:
-                raise CorruptRecord(self.path, at, "header checksum mismatch")
-            if length > MAX_PAYLOAD:
-                raise CorruptRecord(self.path, at, f"payload length {length} exceeds {MAX_PAYLOAD}")
-            stop = pos + HEADER_SIZE + length
-            if stop > len(buf):
-                break
-            payload = bytes(buf[pos + HEADER_SIZE : stop])
-            if crc32c(payload) != payload_crc:
-                raise CorruptRecord(self.path, at, "payload checksum mismatch")
-            records.append((at, payload))
-            pos = stop
+        try:
+            while (found := _record_at(buf, pos, self.path, self._offset + pos)) is not None:
+                payload, stop = found
+                records.append((self._offset + pos, payload, bytes(buf[pos:stop]) if raw else b""))
+                pos = stop
+        except CorruptRecord as damage:
+            self._damage = damage
         del buf[:pos]
         self._offset += pos
         return records
 
+    @property
+    def pending(self) -> int:
+        """Bytes held of a record not yet complete."""
+        return len(self._buf)
+
     def close(self) -> None:
-        """Raise TornRecord if the stream ended inside a record."""
+        """Raise the damage found, or TornRecord if the stream ended inside a record."""
+        if self._damage is not None:
+            raise self._damage
         if self._buf:
             raise TornRecord(
                 self.path, self._offset, f"stream ends {len(self._buf)} bytes into a record"

@@ -3,11 +3,8 @@
 Also the read-only walk behind `kvservice wal check`: `recover(...,
 repair_tail=False)` classifies damage without touching a file.
 
-The codec (record.py) calls damage *corrupt* when it cannot prove it is a torn
-write, e.g. a bad header followed by bytes that are not all zero. In the last
-segment recovery goes one step further, as record.py's definition says:
-corruption is damage with valid data after it, so damage after which no valid
-record can be found anywhere in the segment is a torn tail (`tail_damage`).
+Damage is classified by the codec's one rule (record.classify): in the last
+segment a torn tail is cut off; anywhere else any damage is corruption.
 """
 
 from __future__ import annotations
@@ -19,12 +16,19 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
-from kvservice.engine import RevisionGap, Store
-from kvservice.errors import CorruptRecord, StorageError, TornRecord
+from kvservice.engine import Store
+from kvservice.errors import CorruptRecord, RevisionGap, StorageError, TornRecord
 from kvservice.storage import record
 from kvservice.storage.files import fsync_dir, remove_stale_tmp, truncate_durably
-from kvservice.storage.snapshot import list_snapshots, load_snapshot
-from kvservice.storage.wal import create_segment, list_segments, segment_revision
+from kvservice.storage.segments import (
+    create_segment,
+    data_dirs,
+    list_segments,
+    list_snapshots,
+    segment_for,
+    segment_revision,
+)
+from kvservice.storage.snapshot import LoadedSnapshot, load_snapshot
 from kvservice.v1.log_pb2 import LogEntry
 
 log = logging.getLogger("kvservice.recovery")
@@ -47,11 +51,6 @@ class Recovery:
     active_segment: Path | None = None
     # Revision the next record appended to active_segment would have to carry.
     active_next_revision: int = 1
-
-
-def data_dirs(data_dir: Path) -> tuple[Path, Path]:
-    """(wal dir, snap dir) under a data directory."""
-    return data_dir / "wal", data_dir / "snap"
 
 
 def recover(data_dir: Path, *, repair_tail: bool = True) -> Recovery:
@@ -130,32 +129,33 @@ def _set_damaged_snapshots_aside(result: Recovery) -> None:
         log.error("damaged snapshot set aside", extra={"path": str(broken)})
 
 
-def _load_newest_snapshot(snap_dir: Path, result: Recovery) -> None:
+def load_newest_snapshot(
+    snap_dir: Path, damaged: list[tuple[Path, StorageError]] | None = None
+) -> LoadedSnapshot | None:
+    """The newest snapshot that loads cleanly; damaged ones are skipped (and listed)."""
     if not snap_dir.exists():
-        return
+        return None
     for _, path in list_snapshots(snap_dir):
         try:
-            snap = load_snapshot(path)
+            return load_snapshot(path)
         except StorageError as exc:
             # Never load a damaged snapshot; an older one plus a longer replay
             # gives the same state, and the replay proves the WAL reaches back.
             log.error("damaged snapshot skipped", extra={"error": str(exc)})
-            result.damaged_snapshots.append(str(exc))
-            result.damaged_snapshot_paths.append(path)
-            continue
+            if damaged is not None:
+                damaged.append((path, exc))
+    return None
+
+
+def _load_newest_snapshot(snap_dir: Path, result: Recovery) -> None:
+    damaged: list[tuple[Path, StorageError]] = []
+    snap = load_newest_snapshot(snap_dir, damaged)
+    result.damaged_snapshots.extend(str(exc) for _, exc in damaged)
+    result.damaged_snapshot_paths.extend(path for path, _ in damaged)
+    if snap is not None:
         result.store.load(snap.data, snap.revision)
         result.snapshot_revision = snap.revision
-        result.snapshot_path = path
-        return
-
-
-def _first_needed(segments: list[Path], after: int) -> int:
-    """Index of the segment holding revision after+1 (segments before it are covered)."""
-    index = 0
-    for i, path in enumerate(segments):
-        if segment_revision(path) <= after + 1:
-            index = i
-    return index
+        result.snapshot_path = snap.path
 
 
 def _replay(segments: list[Path], result: Recovery, *, repair_tail: bool) -> None:
@@ -164,7 +164,7 @@ def _replay(segments: list[Path], result: Recovery, *, repair_tail: bool) -> Non
         if store.revision == 0 and result.damaged_snapshots:
             raise StorageError("every snapshot is damaged and there is no WAL to rebuild from")
         return
-    needed = segments[_first_needed(segments, store.revision) :]
+    needed = segments[segment_for(segments, store.revision + 1) or 0 :]
     first = segment_revision(needed[0])
     if first > store.revision + 1:
         raise StorageError(
@@ -212,12 +212,6 @@ def _replay_segment(
                 ) from torn
             result.torn_tail = torn
             return torn.offset
-        except CorruptRecord as corrupt:
-            torn_tail = tail_damage(buf, corrupt) if is_last else None
-            if torn_tail is None:
-                raise
-            result.torn_tail = torn_tail
-            return torn_tail.offset
         entry = _decode(payload, name, offset)
         if offset == 0 and entry.revision != expected_first:
             raise CorruptRecord(name, 0, f"first revision {entry.revision} != file name")
@@ -229,28 +223,6 @@ def _replay_segment(
         except (RevisionGap, ValueError) as exc:
             raise CorruptRecord(name, offset, str(exc)) from exc
         result.records_replayed += 1
-
-
-def tail_damage(buf: bytes, damage: CorruptRecord) -> TornRecord | None:
-    """Reclassify `damage` in the last segment as a torn tail when no valid
-    record follows it; None when one does (then it really is corruption).
-
-    Without this, bytes appended by a crash that are neither a record prefix nor
-    zeros (a partly written page, a record header lost while its payload
-    landed) stop start-up as "corruption" although nothing after them was ever
-    acknowledged. The search tries every offset after the damage, so it costs
-    one checksum per byte of the remaining tail; real corruption usually finds
-    the next record within one record length.
-    """
-    end = len(buf)
-    for start in range(damage.offset + 1, end - record.HEADER_SIZE + 1):
-        length, payload_crc, header_crc = record.HEADER.unpack_from(buf, start)
-        if record.crc32c(buf[start : start + 8]) != header_crc:
-            continue
-        stop = start + record.HEADER_SIZE + length
-        if stop <= end and record.crc32c(buf[start + record.HEADER_SIZE : stop]) == payload_crc:
-            return None
-    return TornRecord(damage.path, damage.offset, f"{damage.reason}, and no valid record after it")
 
 
 def _decode(payload: bytes, name: str, offset: int) -> LogEntry:

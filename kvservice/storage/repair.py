@@ -16,9 +16,9 @@ from pathlib import Path
 from kvservice.errors import CorruptRecord, StorageError, TornRecord
 from kvservice.storage import record
 from kvservice.storage.files import DataDirLocked, fsync_dir, lock_data_dir, truncate_durably
-from kvservice.storage.recovery import data_dirs, recover, tail_damage
-from kvservice.storage.snapshot import list_snapshots, load_snapshot
-from kvservice.storage.wal import list_segments, segment_revision
+from kvservice.storage.recovery import recover
+from kvservice.storage.segments import data_dirs, list_segments, list_snapshots, segment_revision
+from kvservice.storage.snapshot import load_snapshot
 from kvservice.v1.log_pb2 import LogEntry
 
 log = logging.getLogger("kvservice.repair")
@@ -69,11 +69,8 @@ def _check_segment(path: Path, *, is_last: bool) -> list[str]:
             return [f"torn     {exc} (start-up truncates it automatically)"]
         return [f"corrupt  {exc} (not the last segment)"]
     except CorruptRecord as exc:
-        # Classified as start-up classifies it (recovery.tail_damage), so check
-        # never calls "corrupt" what start-up would simply cut off.
-        torn = tail_damage(buf, exc) if is_last else None
-        if torn is not None:
-            return [f"torn     {torn} (start-up truncates it automatically)"]
+        # record.scan classifies as start-up does, so check never calls
+        # "corrupt" what start-up would simply cut off.
         return [f"corrupt  {exc} (needs `kvservice wal repair`, which loses what follows)"]
     _say(f"ok       {path} ({count} records, first revision {segment_revision(path)})")
     return []

@@ -7,17 +7,12 @@ file, fsynced, renamed and the directory fsynced, so a crash leaves either the
 old set of snapshots or the new one. Any damage to a snapshot is therefore
 corruption (never a torn tail), and a damaged snapshot is never loaded.
 
-Background snapshots run in a forked child (as Redis does): the child sees a
-copy-on-write image of the store at one revision and serialises it on the
-other core while the parent keeps serving.
+Background snapshots are written by a separate process (storage/compact.py),
+never by a fork of the threaded server: see snapshots.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import os
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,29 +22,16 @@ from google.protobuf.message import DecodeError
 
 from kvservice.errors import CorruptRecord, StorageError, TornRecord
 from kvservice.storage import record
-from kvservice.storage.files import fsync_dir
+from kvservice.storage.files import create_atomically, fsync_dir
+from kvservice.storage.segments import list_snapshots, snapshot_name
 from kvservice.v1.log_pb2 import SnapshotChunk, SnapshotHeader, SnapshotTrailer
 
-SNAPSHOT_SUFFIX = ".snap"
 CHUNK_KEYS = 4096
 # A chunk also ends once its values pass this size, so large values never make a
 # record anywhere near record.MAX_PAYLOAD (4096 values of 1 MiB would).
 CHUNK_BYTES = 4 * 1024 * 1024
 # How many snapshots to keep: the newest, and one to fall back on if it is damaged.
 KEEP_SNAPSHOTS = 2
-
-
-def snapshot_name(revision: int) -> str:
-    return f"{revision:016x}{SNAPSHOT_SUFFIX}"
-
-
-def list_snapshots(snap_dir: Path) -> list[tuple[int, Path]]:
-    """(revision, path) of every snapshot, newest first."""
-    found = []
-    for path in snap_dir.glob(f"*{SNAPSHOT_SUFFIX}"):
-        with contextlib.suppress(ValueError):
-            found.append((int(path.name.removesuffix(SNAPSHOT_SUFFIX), 16), path))
-    return sorted(found, reverse=True)
 
 
 def encode_snapshot(data: dict[str, bytes], revision: int) -> Iterator[bytes]:
@@ -79,16 +61,7 @@ def _chunk_record(keys: list[str], values: list[bytes]) -> bytes:
 
 def write_snapshot(snap_dir: Path, data: dict[str, bytes], revision: int) -> Path:
     """Write a snapshot durably; return its path."""
-    path = snap_dir / snapshot_name(revision)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
-        for chunk in encode_snapshot(data, revision):
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
-    fsync_dir(snap_dir)
-    return path
+    return create_atomically(snap_dir / snapshot_name(revision), encode_snapshot(data, revision))
 
 
 @dataclass
@@ -167,49 +140,6 @@ class _Loader:
                 f"{self.seen} keys ({len(self.data)} distinct), header says {header.key_count}",
             )  # fmt: skip
         return header
-
-
-def fork_snapshot(snap_dir: Path, data: dict[str, bytes], revision: int) -> tuple[int, int]:
-    """Fork a child that writes a snapshot of `data` and exits.
-
-    Returns (pid, fd): the child exits 0 on success and 1 on failure, and
-    writes why it failed to the pipe `fd` (read it with `child_error`). The
-    child never returns here, runs no event loop and takes no locks (no
-    logging), so inherited threads cannot hang it.
-    """
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid != 0:
-        os.close(write_fd)
-        return pid, read_fd
-    code = 1
-    try:
-        os.close(read_fd)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-        _die_with_parent()
-        write_snapshot(snap_dir, data, revision)
-        code = 0
-    except BaseException as exc:  # the child must reach os._exit whatever happens
-        with contextlib.suppress(BaseException):
-            os.write(write_fd, f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")[:4096])
-    finally:
-        os._exit(code)
-
-
-def child_error(fd: int) -> str:
-    """Read (and close) the failure reason a snapshot child left in its pipe."""
-    try:
-        return os.read(fd, 4096).decode("utf-8", "replace")
-    finally:
-        os.close(fd)
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this child if the parent dies (best effort elsewhere)."""
-    with contextlib.suppress(Exception):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def prune_snapshots(snap_dir: Path, keep: int = KEEP_SNAPSHOTS) -> int:

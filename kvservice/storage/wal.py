@@ -16,10 +16,17 @@ Durability per policy, before a write is acknowledged:
 (During a rotation, writes at `everysec` and `no` wait until the new segment
 exists, typically a few milliseconds.)
 
+The durable watermark (`durable_revision`) is the highest revision whose
+record is durable per the policy: fsynced at `always`, written to the OS at
+`everysec` and `no`. It only moves forward, in revision order, and each move
+is reported through `on_durable` (the commit feed listens).
+
 A failed write or fsync is never retried: after an fsync error the kernel
 may have dropped the dirty pages, so a later "successful" fsync proves
 nothing. The log enters a failed state and refuses every later append
-(fail-stop); reads of the in-memory state carry on.
+(fail-stop); reads of the in-memory state carry on. The same happens when
+the background flusher stops for any other reason (a bug): it is
+supervised, and every waiting write is then refused rather than left hanging.
 """
 
 from __future__ import annotations
@@ -27,54 +34,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import itertools
 import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
-from kvservice.errors import Unavailable
-from kvservice.storage import record
-from kvservice.storage.files import fsync_dir
+from kvservice.errors import WalFailed
+from kvservice.storage.files import write_all
+from kvservice.storage.segments import create_segment
 
 FsyncPolicy = Literal["always", "everysec", "no"]
-SEGMENT_SUFFIX = ".wal"
 log = logging.getLogger("kvservice.wal")
-
-
-def segment_name(first_revision: int) -> str:
-    return f"{first_revision:016x}{SEGMENT_SUFFIX}"
-
-
-def segment_revision(path: Path) -> int:
-    """First revision named by a segment file (ValueError for foreign names)."""
-    return int(path.name.removesuffix(SEGMENT_SUFFIX), 16)
-
-
-def list_segments(wal_dir: Path) -> list[Path]:
-    """Segments in revision order; files with other names are ignored."""
-    found = []
-    for path in wal_dir.glob(f"*{SEGMENT_SUFFIX}"):
-        with contextlib.suppress(ValueError):
-            found.append((segment_revision(path), path))
-    return [path for _, path in sorted(found)]
-
-
-def create_segment(wal_dir: Path, first_revision: int) -> Path:
-    """Create an empty segment durably (tmp -> fsync -> rename -> fsync dir)."""
-    path = wal_dir / segment_name(first_revision)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(wal_dir)
-    return path
+T = TypeVar("T")
 
 
 @dataclass
@@ -99,7 +73,8 @@ class Wal:
     order with the writes and fsyncs: a rotation fsyncs the old segment, then
     creates the new one (tmp -> fsync -> rename -> fsync dir), so the disk never
     holds a newer segment's records, or even its empty file, while an older
-    segment's records are still in flight.
+    segment's records are still in flight. Snapshot pruning and segment
+    purging run there too (`run_on_thread`).
     """
 
     def __init__(
@@ -109,14 +84,20 @@ class Wal:
         policy: FsyncPolicy,
         segment_bytes: int,
         active_segment: Path,
+        last_revision: int = 0,
         on_fsync: Callable[[float, int], None] | None = None,
+        on_durable: Callable[[int], None] | None = None,
     ) -> None:
         self.dir = wal_dir
         self.policy = policy
         self.segment_bytes = segment_bytes
         self.stats = WalStats()
         self.failure: str | None = None
+        # Everything recovered is on disk already: durable as far as this policy goes.
+        self.durable_revision = last_revision
+        self._appended_revision = last_revision
         self._on_fsync = on_fsync
+        self._on_durable = on_durable
         self._active_path = active_segment
         # At fsync=always only the fsync thread touches _fd; at the other policies
         # the loop writes to it, except while a rotation (on the thread) runs.
@@ -130,9 +111,8 @@ class Wal:
         # An error raised on the fsync thread, kept for close_sync().
         self._thread_error: OSError | None = None
         self._waiters: list[asyncio.Future[None]] = []
-        # The group being fsynced right now (kept so close() can settle it).
-        self._batch: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
+        self._closing = False
         self._dirty = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvservice-fsync")
         self._task: asyncio.Task[None] | None = None
@@ -141,15 +121,23 @@ class Wal:
     def active_segment(self) -> Path:
         return self._active_path
 
+    @property
+    def appended_revision(self) -> int:
+        """Revision of the last record appended (durable or not)."""
+        return self._appended_revision
+
     def start(self) -> None:
         """Start the background flusher (group commit or the once-a-second timer)."""
         if self.policy == "always":
             self._task = asyncio.create_task(self._group_commit_loop(), name="wal-group-commit")
         elif self.policy == "everysec":
             self._task = asyncio.create_task(self._everysec_loop(), name="wal-everysec")
+        if self._task is not None:
+            self._task.add_done_callback(self._flusher_done)
 
-    def append(self, payload: bytes, revision: int) -> None:
-        """Add one record to the log. Raises Unavailable once the log has failed.
+    def append(self, data: bytes, revision: int) -> None:
+        """Add one encoded record (record.encode) to the log. Raises WalFailed once
+        the log has failed.
 
         At fsync=always the record is queued for the fsync thread, which writes
         the whole group and fsyncs it in one go: the event loop makes no write
@@ -158,8 +146,7 @@ class Wal:
         the OS now, since that write is what those policies acknowledge.
         """
         if self.failure is not None:
-            raise Unavailable(self.failure)
-        data = record.encode(payload)
+            raise WalFailed(self.failure)
         # (One rotation at a time: records appended meanwhile join the new segment.)
         if self._size >= self.segment_bytes and self._rotation is None:
             self._size = 0
@@ -167,6 +154,7 @@ class Wal:
                 self._pending.append(_Rotate(revision))
             else:
                 self._start_rotation(revision)
+        self._appended_revision = revision
         if self.policy == "always" or self._rotation is not None:
             self._pending.append(data)
         else:
@@ -175,7 +163,8 @@ class Wal:
                 _write_group(self._fd, [data], start=self._size)
             except OSError as exc:
                 self._fail(_describe(exc))
-                raise Unavailable(self.failure) from exc
+                raise WalFailed(self.failure) from exc
+            self._advance(revision)
         self._size += len(data)
         self.stats.bytes_written += len(data)
         self._dirty = True
@@ -186,7 +175,7 @@ class Wal:
             # Appended mid-rotation: written once the new segment exists.
             await asyncio.shield(self._rotation)
         if self.failure is not None:
-            raise Unavailable(self.failure)
+            raise WalFailed(self.failure)
         if self.policy != "always":
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -194,20 +183,33 @@ class Wal:
         self._wake.set()
         await future
 
+    async def run_on_thread(self, work: Callable[[], T]) -> T:
+        """Run a change to the file set (snapshot pruning, segment purging) on the
+        fsync thread, in order with rotations, writes and fsyncs."""
+        return await asyncio.wrap_future(self._executor.submit(work))
+
     async def close(self) -> None:
-        """Flush and fsync everything, stop the flusher and close the files."""
+        """Make everything appended durable, stop the flusher and close the files.
+
+        The flusher is not cancelled: it is told to stop and finishes the group
+        in flight first, so a write or fsync that fails during shutdown fails
+        the writes it covered (and the log) instead of being lost unseen.
+        """
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # (wait, not await: how the flusher ended is _flusher_done's business.)
+            await asyncio.wait([self._task])
             self._task = None
         if self._rotation is not None:
             await asyncio.shield(self._rotation)
-        if self.failure is None:
+        if self.failure is None and (self._pending or self._dirty):
             try:
                 await self._flush()
             except OSError as exc:
                 self._fail(_describe(exc, "at shutdown"))
+            except Exception as exc:
+                self._fail(f"the final WAL flush failed ({exc!r})")
         self._settle_waiters()
         self._close_files()
         self._executor.shutdown(wait=True)
@@ -237,6 +239,14 @@ class Wal:
 
     # -- internals: the loop side ------------------------------------------
 
+    def _advance(self, revision: int) -> None:
+        """Move the durable watermark forward (never back) and tell the listener."""
+        if revision <= self.durable_revision:
+            return
+        self.durable_revision = revision
+        if self._on_durable is not None:
+            self._on_durable(revision)
+
     def _start_rotation(self, first_revision: int) -> None:
         """everysec/no: rotate on the fsync thread; appends queue until it is done."""
         loop = asyncio.get_running_loop()
@@ -253,27 +263,31 @@ class Wal:
             self._fail(_describe(error))
         elif error is not None:
             self._fail(f"WAL rotation failed ({error!r})")
-        else:
-            self._drain_after_rotation()
+        elif self._drain_after_rotation():
+            self._advance(self._appended_revision)
         if rotation is not None and not rotation.done():
             rotation.set_result(None)  # waiters read self.failure
 
-    def _drain_after_rotation(self) -> None:
+    def _drain_after_rotation(self) -> bool:
         """Write what was appended during the rotation to the new segment."""
         pending = [item for item in self._take_pending() if isinstance(item, bytes)]
         try:
             _write_group(self._fd, pending)
         except OSError as exc:
             self._fail(_describe(exc))
+            return False
+        return True
 
     def _take_pending(self) -> list[bytes | _Rotate]:
         pending, self._pending = self._pending, []
         return pending
 
     async def _flush(self) -> None:
+        """Write (at always) and fsync what is pending; advance the watermark."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._dirty = False
+        covered = self._appended_revision
         if self.policy == "always":
             # Taken on the loop thread: records appended during this flush go to the next.
             pending = self._take_pending()
@@ -284,50 +298,73 @@ class Wal:
         try:
             await asyncio.wrap_future(job)
         except asyncio.CancelledError:
-            # close() cancels the flusher. If that happened before the fsync thread
-            # picked the job up, the job never runs: hand its records back so the
-            # final flush writes them. (A job already running finishes; the final
-            # flush queues behind it on the single fsync thread.)
+            # Cancelled from outside (a forced exit tears the loop down). If the
+            # fsync thread never picked the job up, it never runs: hand its records
+            # back so close_sync() writes them, in order, with no gap.
             if job.cancelled():
                 self._pending[:0] = pending
             raise
-        elapsed = loop.time() - started
         self.stats.fsyncs += 1
+        if self.policy == "always":
+            self._advance(covered)
         if self._on_fsync is not None:
-            self._on_fsync(elapsed, self.stats.last_batch_size)
+            self._on_fsync(loop.time() - started, self.stats.last_batch_size)
 
     async def _group_commit_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._waiters:
-                continue
-            # Every waiter taken here appended before this flush starts, so one
-            # write + fsync covers them all; later arrivals wait for the next one.
-            self._batch, self._waiters = self._waiters, []
-            self.stats.last_batch_size = len(self._batch)
-            try:
-                await self._flush()
-            except OSError as exc:
-                self._fail(_describe(exc))
-                self._settle_waiters()
+            if self._waiters or (self._closing and self._pending):
+                # Every waiter taken here appended before this flush starts, so one
+                # write + fsync covers them all; later arrivals wait for the next one.
+                batch, self._waiters = self._waiters, []
+                self.stats.last_batch_size = len(batch)
+                try:
+                    await self._flush()
+                except BaseException:
+                    # The group's records may not be durable: none of its writes is
+                    # acknowledged. (_flusher_done fails the log for non-OSErrors.)
+                    self._waiters[:0] = batch
+                    raise
+                for future in batch:
+                    if not future.done():
+                        future.set_result(None)
+                if self._waiters:
+                    self._wake.set()
+            if self._closing and not self._waiters and not self._pending:
                 return
-            batch, self._batch = self._batch, []
-            for future in batch:
-                if not future.done():
-                    future.set_result(None)
 
     async def _everysec_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+            self._wake.clear()
             if not self._dirty or self._rotation is not None:
                 continue  # a rotation fsyncs the old segment itself
             self.stats.last_batch_size = 0
-            try:
-                await self._flush()
-            except OSError as exc:
-                self._fail(_describe(exc))
-                return
+            await self._flush()
+
+    def _flusher_done(self, task: asyncio.Task[None]) -> None:
+        """Supervision: a flusher that ends with an error, or ends at all before
+        close(), fails the log and refuses every write waiting on it."""
+        if task.cancelled():
+            # Only a forced exit cancels it; close_sync() still writes what is
+            # queued, so the log is not failed, but nobody may wait forever.
+            for future in self._waiters:
+                if not future.done():
+                    future.set_exception(WalFailed("the WAL flusher was cancelled"))
+            self._waiters = []
+            return
+        if (error := task.exception()) is not None:
+            if isinstance(error, OSError):
+                self._fail(_describe(error))
+            else:
+                log.error("wal flusher crashed", exc_info=error)
+                self._fail(f"the WAL flusher stopped unexpectedly ({error!r})")
+        elif not self._closing:
+            self._fail("the WAL flusher stopped unexpectedly")
+        if self.failure is not None:
+            self._settle_waiters()
 
     def _fail(self, reason: str) -> None:
         if self.failure is None:
@@ -335,16 +372,15 @@ class Wal:
             log.critical("wal failed: node is now read-only", extra={"reason": reason})
 
     def _settle_waiters(self) -> None:
-        """Wake every waiter: success if all is fsynced, else the failure."""
-        waiters = self._batch + self._waiters
-        self._batch, self._waiters = [], []
+        """Wake every waiter: success if all is durable, else the failure."""
+        waiters, self._waiters = self._waiters, []
         for future in waiters:
             if future.done():
                 continue
             if self.failure is None:
                 future.set_result(None)
             else:
-                future.set_exception(Unavailable(self.failure))
+                future.set_exception(WalFailed(self.failure))
 
     def _close_files(self) -> None:
         with contextlib.suppress(OSError):
@@ -415,34 +451,10 @@ def _write_group(fd: int, records: list[bytes], start: int | None = None) -> Non
     if start is None:
         start = os.fstat(fd).st_size
     try:
-        _write_all(fd, b"".join(records))
+        write_all(fd, b"".join(records))
     except OSError as exc:
         # No torn record is left behind for a later write (there is none:
         # fail-stop) or for the next start-up.
         with contextlib.suppress(OSError):
             os.ftruncate(fd, start)
         raise WriteRefused(exc.errno, exc.strerror) from exc
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def purge_segments(wal_dir: Path, covered_revision: int) -> list[Path]:
-    """Delete segments whose records are all <= covered_revision; never the last one.
-
-    A segment is wholly covered when the next segment starts at or before
-    covered_revision + 1.
-    """
-    segments = list_segments(wal_dir)
-    removed = []
-    for current, following in itertools.pairwise(segments):
-        if segment_revision(following) > covered_revision + 1:
-            break
-        current.unlink()
-        removed.append(current)
-    if removed:
-        fsync_dir(wal_dir)
-    return removed

@@ -16,8 +16,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from kvservice.storage import record
-from kvservice.storage.snapshot import list_snapshots
-from kvservice.storage.wal import list_segments, segment_revision
+from kvservice.storage.segments import list_segments, list_snapshots, segment_revision
 from kvservice.v1.kv_pb2 import DeleteRequest, GetRequest, SetRequest
 from tests.faults import disk
 from tests.faults.logs import find

@@ -16,7 +16,8 @@ import pytest
 from kvservice.health.v1.health_connect import HealthClientSync
 from kvservice.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from kvservice.storage import record
-from kvservice.storage.wal import Wal, create_segment, list_segments, segment_name
+from kvservice.storage.segments import create_segment, list_segments, segment_name
+from kvservice.storage.wal import Wal
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
 from kvservice.v1.log_pb2 import LogEntry
 from tests.faults.logs import find
@@ -153,7 +154,7 @@ def test_wal_close_fsyncs_a_retired_segment_whose_flush_never_started(
 
     In-process regression test of Wal.close(): the race is too narrow to hit
     reliably through a server, so the single fsync thread is held busy while
-    close() cancels the flusher. os.fsync is only observed, never replaced.
+    close() stops the flusher. os.fsync is only observed, never replaced.
     """
     fsynced: list[str] = []
     real_fsync = os.fsync
@@ -173,7 +174,7 @@ def test_wal_close_fsyncs_a_retired_segment_whose_flush_never_started(
         wal.start()
         for revision in range(1, records + 1):
             entry = LogEntry(revision=revision, operation=1, key="k", value=b"x" * 200)
-            wal.append(entry.SerializeToString(), revision)
+            wal.append(record.encode(entry.SerializeToString()), revision)
         waiting = asyncio.ensure_future(wal.sync())
         await asyncio.sleep(0.05)  # the flusher has submitted its job, which cannot start
         closing = asyncio.ensure_future(wal.close())

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvservice.storage import record
-from kvservice.storage.snapshot import list_snapshots
-from kvservice.storage.wal import list_segments
+from kvservice.storage.segments import list_segments, list_snapshots
 from kvservice.v1.kv_pb2 import SetRequest
 from tests.faults import disk
 from tests.faults.workload import assert_holds, populate

@@ -10,7 +10,7 @@ import pytest
 from kvservice.errors import CorruptRecord, StorageError
 from kvservice.storage import record
 from kvservice.storage.recovery import recover
-from kvservice.storage.wal import list_segments, segment_revision
+from kvservice.storage.segments import list_segments, segment_revision
 from tests.nodes import open_node
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
@@ -11,19 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvservice.engine import REVISION
-from kvservice.errors import CorruptRecord, StorageError
+from kvservice.errors import CorruptRecord, SnapshotFailed, StorageError
 from kvservice.storage import record
 from kvservice.storage.recovery import recover
-from kvservice.storage.snapshot import (
-    CHUNK_BYTES,
-    CHUNK_KEYS,
-    child_error,
-    fork_snapshot,
-    list_snapshots,
-    load_snapshot,
-    write_snapshot,
-)
-from kvservice.storage.wal import list_segments
+from kvservice.storage.segments import list_segments, list_snapshots
+from kvservice.storage.snapshot import CHUNK_BYTES, CHUNK_KEYS, load_snapshot, write_snapshot
 from tests.nodes import open_node
 
 stored = st.dictionaries(
@@ -76,18 +67,21 @@ def test_misnamed_snapshot_is_refused(tmp_path: Path) -> None:
         load_snapshot(wrong)
 
 
-async def _fill(data_dir: Path, count: int, **settings: object) -> None:
+async def _fill(data_dir: Path, count: int, *, snapshots_at: tuple[int, ...] = (),
+                **settings: object) -> None:  # fmt: skip
+    """Write `count` sets; take a snapshot on demand after each write number in `snapshots_at`."""
     node = open_node(data_dir, **settings)
     node.start()
     for i in range(count):
         await node.set(f"key{i % 50}", f"value{i}".encode())
-    if node._snapshot_task is not None:
-        await node._snapshot_task
+        if i + 1 in snapshots_at:
+            await node.snapshot()
+    await node.snapshotter.close()
     await node.close()
 
 
 def test_background_snapshots_purge_the_wal(tmp_path: Path) -> None:
-    """Past the threshold a snapshot is forked; covered segments are deleted; state survives."""
+    """Past the threshold a snapshot is written; covered segments are deleted; state survives."""
     asyncio.run(_fill(tmp_path, 600, wal_segment_bytes=4096, snapshot_threshold_bytes=8192))
     snaps = list_snapshots(tmp_path / "snap")
     assert 1 <= len(snaps) <= 2
@@ -101,9 +95,10 @@ def test_background_snapshots_purge_the_wal(tmp_path: Path) -> None:
 
 def test_damaged_newest_snapshot_is_skipped_not_loaded(tmp_path: Path) -> None:
     """The older snapshot plus a longer replay gives the same state, and the damage is reported."""
-    asyncio.run(_fill(tmp_path, 600, wal_segment_bytes=4096, snapshot_threshold_bytes=8192))
+    # Two snapshots taken on demand (not by the size trigger, whose timing varies).
+    asyncio.run(_fill(tmp_path, 600, snapshots_at=(200, 400), wal_segment_bytes=4096))
     snaps = list_snapshots(tmp_path / "snap")
-    assert len(snaps) == 2
+    assert [rev for rev, _ in snaps] == [400, 200]
     newest = snaps[0][1]
     raw = bytearray(newest.read_bytes())
     raw[30] ^= 0xFF
@@ -120,6 +115,57 @@ def test_damaged_newest_snapshot_is_skipped_not_loaded(tmp_path: Path) -> None:
     assert [rev for rev, _ in list_snapshots(tmp_path / "snap")] == [snaps[1][0]]
 
 
+def test_a_snapshot_builds_on_the_previous_one_and_the_wal(tmp_path: Path) -> None:
+    """The writer process loads the newest snapshot, replays the WAL up to the durable
+    watermark, and writes exactly the node's state at that revision."""
+
+    async def scenario() -> dict[str, tuple[bytes, int] | None]:
+        node = open_node(tmp_path, wal_segment_bytes=4096)
+        node.start()
+        for i in range(300):
+            await node.set(f"k{i % 70}", f"v{i}".encode())
+            if i % 9 == 0:
+                await node.delete(f"k{(i * 7) % 70}")
+        first = await node.snapshot()
+        for i in range(300, 450):
+            await node.set(f"k{i % 90}", f"v{i}".encode())
+        second = await node.snapshot()
+        assert second.revision == node.store.revision > first.revision
+        expected = {key: node.store.get(key) for key in node.store.data}
+        await node.close()
+        return expected
+
+    expected = asyncio.run(scenario())
+    newest = list_snapshots(tmp_path / "snap")[0][1]
+    loaded = load_snapshot(newest)
+    assert {key: (value[8:], REVISION.unpack_from(value)[0])
+            for key, value in loaded.data.items()} == expected  # fmt: skip
+
+
+def test_a_failed_snapshot_says_why_and_leaves_no_process_behind(tmp_path: Path) -> None:
+    """The writer's reason reaches the caller and the log; the node forgets the process
+    in every path, so a later shutdown can never signal a reused pid."""
+
+    async def scenario() -> None:
+        node = open_node(tmp_path)
+        node.start()
+        await node.set("k", b"v")
+        snap_dir = tmp_path / "snap"
+        snap_dir.rename(tmp_path / "snap-moved")  # the writer cannot create its file
+        with pytest.raises(SnapshotFailed, match="snap"):
+            await node.snapshot()
+        assert node.snapshotter._proc is None
+        assert not node.snapshotter.running
+        (tmp_path / "snap-moved").rename(snap_dir)
+        info = await node.snapshot()  # and the next one works
+        assert info.revision == 1
+        assert node.snapshotter._proc is None
+        node.close_sync()  # kills nothing: there is no process to kill
+
+    asyncio.run(scenario())
+    assert recover(tmp_path).store.get("k") == (b"v", 1)
+
+
 def test_large_values_are_split_into_bounded_chunks(tmp_path: Path) -> None:
     """Chunks end by size as well as by key count, far below the record limit."""
     value = REVISION.pack(1) + b"v" * (1 << 20)
@@ -129,11 +175,3 @@ def test_large_values_are_split_into_bounded_chunks(tmp_path: Path) -> None:
     assert max(sizes) < CHUNK_BYTES + (1 << 20) + 4096
     assert len(sizes) >= 2 + 12 * (1 << 20) // CHUNK_BYTES
     assert load_snapshot(path).data == data
-
-
-def test_a_failed_snapshot_child_says_why(tmp_path: Path) -> None:
-    """The parent learns the child's reason through the pipe, for the log."""
-    pid, errors = fork_snapshot(tmp_path / "missing-dir", {}, 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.WEXITSTATUS(status) == 1
-    assert "missing-dir" in child_error(errors)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from kvservice.errors import Unavailable
+from kvservice.errors import WalFailed
 from kvservice.storage.recovery import recover
-from kvservice.storage.wal import list_segments, purge_segments, segment_revision
+from kvservice.storage.retention import Retention
+from kvservice.storage.segments import list_segments, segment_revision
 from tests.nodes import open_node
 
 
@@ -73,13 +74,13 @@ def test_failed_fsync_fails_writes_but_not_reads(tmp_path: Path, monkeypatch) ->
             raise OSError(errno.EIO, "Input/output error")
 
         monkeypatch.setattr(os, "fdatasync", broken)
-        with pytest.raises(Unavailable, match="fsync of the WAL failed"):
+        with pytest.raises(WalFailed, match="fsync of the WAL failed"):
             await node.set("during", b"2")
         monkeypatch.undo()
         # Even with a healthy fsync again, the node never pretends: still refused.
-        with pytest.raises(Unavailable, match="no longer accepts writes"):
+        with pytest.raises(WalFailed, match="no longer accepts writes"):
             await node.set("after", b"3")
-        with pytest.raises(Unavailable):
+        with pytest.raises(WalFailed):
             await node.delete("before")
         assert node.get("before") == (b"1", 1)
         await node.close()
@@ -104,10 +105,10 @@ def test_refused_write_leaves_no_partial_record(tmp_path: Path, monkeypatch, pol
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(os, "write", half_then_full)
-        with pytest.raises(Unavailable, match="disk refused a WAL write"):
+        with pytest.raises(WalFailed, match="disk refused a WAL write"):
             await node.set("b", b"2")
         monkeypatch.undo()
-        with pytest.raises(Unavailable, match="no longer accepts writes"):
+        with pytest.raises(WalFailed, match="no longer accepts writes"):
             await node.set("c", b"3")
         assert node.get("a") == (b"1", 1)
         await node.close()
@@ -143,9 +144,10 @@ def test_purge_keeps_segments_still_needed(tmp_path: Path) -> None:
     wal.mkdir()
     for first in (1, 11, 21):
         (wal / f"{first:016x}.wal").write_bytes(b"")
-    assert [p.name for p in purge_segments(wal, 10)] == [f"{1:016x}.wal"]
-    assert purge_segments(wal, 15) == []  # segment 11.. holds 15 < x <= 20 too
-    assert [p.name for p in purge_segments(wal, 1000)] == [f"{11:016x}.wal"]
+    retention = Retention(wal, max_bytes=0)
+    assert [p.name for p in retention.purge(10)] == [f"{1:016x}.wal"]
+    assert retention.purge(15) == []  # segment 11.. holds 15 < x <= 20 too
+    assert [p.name for p in retention.purge(1000)] == [f"{11:016x}.wal"]
     assert [p.name for p in list_segments(wal)] == [f"{21:016x}.wal"]
 
 
