@@ -1,4 +1,4 @@
-"""The `kvservice` command: serve, wal check|repair, config show."""
+"""The `kvservice` command: serve, status, snapshot, wal check|repair, config show."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from connectrpc.errors import ConnectError
+from google.protobuf import json_format
 
 from kvservice import __version__, logs
 from kvservice.config import ConfigError, Settings, load, shown_value, sources
@@ -19,7 +20,7 @@ from kvservice.storage import repair
 from kvservice.storage.files import DataDirLocked, lock_data_dir
 from kvservice.storage.recovery import recover
 from kvservice.v1.admin_connect import AdminClientSync
-from kvservice.v1.admin_pb2 import SnapshotRequest
+from kvservice.v1.admin_pb2 import ReplicationStatusRequest, SnapshotRequest
 
 # Named exit codes (documented in the README).
 EXIT_OK = 0
@@ -72,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--host", default=None, help="node host, when --url is not given")
     snapshot.add_argument("--port", default=None, help="node port, when --url is not given")
 
+    status = commands.add_parser(
+        "status", help="print a node's role and replication links as JSON (Admin/ReplicationStatus)"
+    )
+    status.add_argument("--url", default=None, help="node URL (default: from host and port)")
+    status.add_argument("--config", default=None, help="YAML config file")
+    status.add_argument("--host", default=None, help="node host, when --url is not given")
+    status.add_argument("--port", default=None, help="node port, when --url is not given")
+
     config = commands.add_parser("config", help="settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print effective settings and their sources")
@@ -95,8 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, origin in sources(settings, flags).items():
             print(f"{name} = {shown_value(name, getattr(settings, name))}  ({origin})")
         return EXIT_OK
-    if args.command == "snapshot":
-        return _snapshot(args.url or f"http://{settings.host}:{settings.port}")
+    if args.command in ("snapshot", "status"):
+        url = args.url or f"http://{settings.host}:{settings.port}"
+        return _snapshot(url) if args.command == "snapshot" else _status(url)
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "wal":
         if args.wal_command == "check":
@@ -152,6 +162,17 @@ def _snapshot(url: str) -> int:
             print(f"kvservice: snapshot failed: {exc.code.value}: {exc.message}", file=sys.stderr)
             return EXIT_ERROR
     print(f"snapshot at revision {reply.revision}: {reply.path} ({reply.key_count} keys)")
+    return EXIT_OK
+
+
+def _status(url: str) -> int:
+    with AdminClientSync(url, timeout_ms=10_000) as admin:
+        try:
+            reply = admin.replication_status(ReplicationStatusRequest())
+        except ConnectError as exc:
+            print(f"kvservice: status failed: {exc.code.value}: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
+    print(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True))
     return EXIT_OK
 
 

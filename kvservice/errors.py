@@ -23,6 +23,27 @@ class WalFailed(KVError):
     """The WAL refused a write or fsync, or its flusher died: the node is read-only now."""
 
 
+class NotPrimary(KVError):
+    """A write reached a replica; it names the primary to send it to."""
+
+    def __init__(self, primary_url: str | None) -> None:
+        where = f"the primary at {primary_url}" if primary_url else "the primary"
+        super().__init__(f"this node is a read-only replica: send writes to {where}")
+        self.primary_url = primary_url
+
+
+class RevisionNotReached(KVError):
+    """A read asked for a revision this node has not applied within the wait allowed."""
+
+
+class NotLinked(KVError):
+    """A replica is not linked to its primary, so it cannot promise to catch up."""
+
+
+class ReplicationRefused(KVError):
+    """A replication request that this node will not act on (wrong role, epoch, ...)."""
+
+
 class ShuttingDown(KVError):
     """The node is closing and takes no more writes."""
 

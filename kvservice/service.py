@@ -19,13 +19,25 @@ from kvservice.errors import (
     FeedOverflow,
     InvalidArgument,
     KVError,
+    NotLinked,
+    NotPrimary,
+    ReplicationRefused,
     ResourceExhausted,
+    RevisionNotReached,
     ShuttingDown,
     SnapshotFailed,
     WalFailed,
 )
 from kvservice.node import Node
-from kvservice.v1.admin_pb2 import SnapshotRequest, SnapshotResponse
+from kvservice.replication.manager import ReplicationManager
+from kvservice.v1.admin_pb2 import (
+    ReplicaLink,
+    ReplicaStatus,
+    ReplicationStatusRequest,
+    ReplicationStatusResponse,
+    SnapshotRequest,
+    SnapshotResponse,
+)
 from kvservice.v1.kv_pb2 import (
     DeleteRequest,
     DeleteResponse,
@@ -46,6 +58,10 @@ CODES: dict[type[KVError], Code] = {
     ResourceExhausted: Code.RESOURCE_EXHAUSTED,
     FeedOverflow: Code.RESOURCE_EXHAUSTED,
     Compacted: Code.OUT_OF_RANGE,
+    NotPrimary: Code.FAILED_PRECONDITION,
+    ReplicationRefused: Code.FAILED_PRECONDITION,
+    RevisionNotReached: Code.DEADLINE_EXCEEDED,
+    NotLinked: Code.UNAVAILABLE,
     WalFailed: Code.UNAVAILABLE,
     ShuttingDown: Code.UNAVAILABLE,
     SnapshotFailed: Code.UNAVAILABLE,
@@ -82,8 +98,48 @@ def connect_errors(handler: Handler[S, Req, R]) -> Handler[S, Req, R]:
 class AdminService:
     """Implements the generated `Admin` protocol: operator actions."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, replication: ReplicationManager) -> None:
         self.node = node
+        self.replication = replication
+
+    @connect_errors
+    async def replication_status(
+        self, request: ReplicationStatusRequest, ctx: RequestContext[Any, Any]
+    ) -> ReplicationStatusResponse:
+        manager, node = self.replication, self.node
+        state = manager.state
+        reply = ReplicationStatusResponse(
+            role=manager.role, node_id=state.node_id, replication_id=state.replication_id,
+            epoch=state.epoch, revision=node.store.revision,
+            durable_revision=node.wal.durable_revision,
+            advertise_url=manager.settings.own_url,
+        )  # fmt: skip
+        for view in manager.sender_views():
+            reply.replicas.append(
+                ReplicaStatus(
+                    url=view.url,
+                    state=view.state,
+                    acked_revision=view.acked_revision,
+                    lag_revisions=view.lag_revisions,
+                    lag_seconds=view.lag_seconds,
+                    last_error=view.last_error,
+                    full_resyncs=view.full_resyncs,
+                    partial_resyncs=view.partial_resyncs,
+                )
+            )
+        link = manager.link_view()
+        if link is not None:
+            reply.link.CopyFrom(
+                ReplicaLink(
+                    primary_url=link.primary_url,
+                    state=link.state,
+                    last_contact_seconds=link.last_contact_seconds,
+                    lag_seconds=link.lag_seconds,
+                    primary_revision=link.primary_revision,
+                    last_error=link.last_error,
+                )
+            )
+        return reply
 
     @connect_errors
     async def snapshot(
@@ -98,16 +154,34 @@ class AdminService:
 class KVStoreService:
     """Implements the generated `KVStore` protocol on top of a Node."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, replication: ReplicationManager) -> None:
         self.node = node
+        self.replication = replication
+        self.max_wait = replication.settings.min_revision_max_wait_ms / 1000
 
     @connect_errors
     async def get(self, request: GetRequest, ctx: RequestContext[Any, Any]) -> GetResponse:
+        if request.min_revision > self.node.store.revision:
+            await self._wait_for(request.min_revision, ctx)
         found = self.node.get(request.key)
         if found is None:
             return GetResponse()
         value, revision = found
         return GetResponse(found=True, value=value, revision=revision)
+
+    async def _wait_for(self, revision: int, ctx: RequestContext[Any, Any]) -> None:
+        """Read-your-writes: wait until applied, within the deadline; never a stale answer."""
+        deadline_ms = ctx.timeout_ms()
+        wait = self.max_wait if deadline_ms is None else min(self.max_wait, deadline_ms / 1000)
+        if await self.node.wait_for_revision(revision, max(0.0, wait - 0.005)):
+            return
+        reason = self.replication.not_ready()
+        if reason is not None:
+            raise NotLinked(f"revision {revision} not reached: {reason}")
+        raise RevisionNotReached(
+            f"this node is at revision {self.node.store.revision}; revision {revision} was not"
+            f" reached within {wait * 1000:.0f} ms (min_revision_max_wait_ms or the deadline)"
+        )
 
     @connect_errors
     async def set(self, request: SetRequest, ctx: RequestContext[Any, Any]) -> SetResponse:

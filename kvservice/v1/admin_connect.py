@@ -20,6 +20,9 @@ class Admin(Protocol):
     async def snapshot(self, request: kvservice_dot_v1_dot_admin__pb2.SnapshotRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.SnapshotResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def replication_status(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class AdminASGIApplication(ConnectASGIApplication[Admin]):
     def __init__(self, service: Admin | AsyncGenerator[Admin], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -35,6 +38,16 @@ class AdminASGIApplication(ConnectASGIApplication[Admin]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.snapshot,
+                ),
+                "/kvservice.v1.Admin/ReplicationStatus": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ReplicationStatus",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=svc.replication_status,
                 ),
             },
             interceptors=interceptors,
@@ -69,9 +82,33 @@ class AdminClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def replication_status(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ReplicationStatus",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
 
 class AdminSync(Protocol):
     def snapshot(self, request: kvservice_dot_v1_dot_admin__pb2.SnapshotRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.SnapshotResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def replication_status(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -88,6 +125,16 @@ class AdminWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.snapshot,
+                ),
+                "/kvservice.v1.Admin/ReplicationStatus": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ReplicationStatus",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=service.replication_status,
                 ),
             },
             interceptors=interceptors,
@@ -120,4 +167,26 @@ class AdminClientSync(ConnectClientSync):
             ),
             headers=headers,
             timeout_ms=timeout_ms,
+        )
+
+    def replication_status(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ReplicationStatus",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
         )
