@@ -65,21 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data-dir", dest="data_dir", default=None, help="data directory")
         sub.add_argument("--config", default=None, help="YAML config file")
 
-    snapshot = commands.add_parser(
-        "snapshot", help="ask a running node to write a snapshot now (Admin/Snapshot)"
-    )
-    snapshot.add_argument("--url", default=None, help="node URL (default: from host and port)")
-    snapshot.add_argument("--config", default=None, help="YAML config file")
-    snapshot.add_argument("--host", default=None, help="node host, when --url is not given")
-    snapshot.add_argument("--port", default=None, help="node port, when --url is not given")
-
-    status = commands.add_parser(
-        "status", help="print a node's role and replication links as JSON (Admin/ReplicationStatus)"
-    )
-    status.add_argument("--url", default=None, help="node URL (default: from host and port)")
-    status.add_argument("--config", default=None, help="YAML config file")
-    status.add_argument("--host", default=None, help="node host, when --url is not given")
-    status.add_argument("--port", default=None, help="node port, when --url is not given")
+    # Commands that call a running node's Admin service.
+    for name, help_text in (
+        ("snapshot", "ask a running node to write a snapshot now (Admin/Snapshot)"),
+        ("status", "print a node's role and replication links as JSON (Admin/ReplicationStatus)"),
+    ):
+        remote = commands.add_parser(name, help=help_text)
+        remote.add_argument("--url", default=None, help="node URL (default: from host and port)")
+        remote.add_argument("--config", default=None, help="YAML config file")
+        remote.add_argument("--host", default=None, help="node host, when --url is not given")
+        remote.add_argument("--port", default=None, help="node port, when --url is not given")
 
     config = commands.add_parser("config", help="settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)
