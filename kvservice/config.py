@@ -110,13 +110,27 @@ class Settings(BaseSettings):
     min_revision_max_wait_ms: int = Field(
         5000, ge=0, le=600_000, description="longest a Get with min_revision waits"
     )
+    wait_replicas_max_wait_ms: int = Field(
+        5000, ge=0, le=600_000,
+        description="longest a write with wait_replicas waits for replica acknowledgements",
+    )  # fmt: skip
+    min_replicas: int = Field(
+        0, ge=0, le=100,
+        description="primary: refuse writes (unavailable) while fewer replicas are healthy",
+    )  # fmt: skip
+    min_replicas_max_lag_seconds: float = Field(
+        10.0, ge=0.1, le=3600,
+        description="a replica counts as healthy for min_replicas when connected and"
+        " lagging less than this",
+    )  # fmt: skip
 
     @field_validator(
         "port", "max_key_bytes", "max_value_bytes", "wal_segment_bytes",
         "snapshot_threshold_bytes", "wal_retention_max_bytes", "shutdown_timeout_seconds",
         "repl_batch_max_entries", "repl_batch_max_bytes", "repl_backlog_bytes",
         "repl_heartbeat_seconds", "repl_retry_max_seconds", "replica_max_lag_seconds",
-        "min_revision_max_wait_ms", mode="before",
+        "min_revision_max_wait_ms", "wait_replicas_max_wait_ms", "min_replicas",
+        "min_replicas_max_lag_seconds", mode="before",
     )  # fmt: skip
     @classmethod
     def _no_booleans_as_numbers(cls, value: object) -> object:

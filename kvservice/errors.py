@@ -24,12 +24,22 @@ class WalFailed(KVError):
 
 
 class NotPrimary(KVError):
-    """A write reached a replica; it names the primary to send it to."""
+    """A write reached a replica (or a fenced former primary); it names the primary."""
 
-    def __init__(self, primary_url: str | None) -> None:
+    def __init__(
+        self, primary_url: str | None, why: str = "this node is a read-only replica"
+    ) -> None:
         where = f"the primary at {primary_url}" if primary_url else "the primary"
-        super().__init__(f"this node is a read-only replica: send writes to {where}")
+        super().__init__(f"{why}: send writes to {where}")
         self.primary_url = primary_url
+
+
+class ReplicasNotReached(KVError):
+    """Fewer replicas than asked acknowledged a write in time (it stays committed)."""
+
+
+class NotEnoughReplicas(KVError):
+    """min_replicas: too few healthy replicas, so this primary takes no writes now."""
 
 
 class RevisionNotReached(KVError):

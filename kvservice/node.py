@@ -88,7 +88,8 @@ class Node:
         # Set by the first SIGTERM/SIGINT: readiness and health turn NOT_SERVING
         # at once, so load balancers stop sending while requests drain.
         self.draining = False
-        # Replicas take writes only from their primary (apply_replicated).
+        # "primary", "replica" (writes only from its primary: apply_replicated) or
+        # "fenced" (a former primary that met a higher epoch).
         self.role = "primary"
         self.primary_url: str | None = None
         # Readers waiting for a revision (min_revision): (revision, seq, future).
@@ -155,6 +156,8 @@ class Node:
 
     async def _commit(self, entry: LogEntry) -> int:
         if self.role != "primary":
+            if self.role == "fenced":
+                raise NotPrimary(self.primary_url, "this node was fenced by a newer primary")
             raise NotPrimary(self.primary_url)
         if self.closed:
             raise ShuttingDown("the node is shutting down")

@@ -19,8 +19,10 @@ from kvservice.errors import (
     FeedOverflow,
     InvalidArgument,
     KVError,
+    NotEnoughReplicas,
     NotLinked,
     NotPrimary,
+    ReplicasNotReached,
     ReplicationRefused,
     ResourceExhausted,
     RevisionNotReached,
@@ -31,7 +33,11 @@ from kvservice.errors import (
 from kvservice.node import Node
 from kvservice.replication.manager import ReplicationManager
 from kvservice.v1.admin_pb2 import (
+    PromoteRequest,
+    PromoteResponse,
     ReplicaLink,
+    ReplicaOfRequest,
+    ReplicaOfResponse,
     ReplicaStatus,
     ReplicationStatusRequest,
     ReplicationStatusResponse,
@@ -61,6 +67,8 @@ CODES: dict[type[KVError], Code] = {
     NotPrimary: Code.FAILED_PRECONDITION,
     ReplicationRefused: Code.FAILED_PRECONDITION,
     RevisionNotReached: Code.DEADLINE_EXCEEDED,
+    ReplicasNotReached: Code.DEADLINE_EXCEEDED,
+    NotEnoughReplicas: Code.UNAVAILABLE,
     NotLinked: Code.UNAVAILABLE,
     WalFailed: Code.UNAVAILABLE,
     ShuttingDown: Code.UNAVAILABLE,
@@ -113,6 +121,8 @@ class AdminService:
             epoch=state.epoch, revision=node.store.revision,
             durable_revision=node.wal.durable_revision,
             advertise_url=manager.settings.own_url,
+            prev_replication_id=state.prev_replication_id,
+            prev_end_revision=state.prev_end_revision, fenced=manager.fenced,
         )  # fmt: skip
         for view in manager.sender_views():
             reply.replicas.append(
@@ -150,6 +160,29 @@ class AdminService:
             revision=info.revision, path=str(info.path), key_count=info.key_count
         )
 
+    @connect_errors
+    async def promote(
+        self, request: PromoteRequest, ctx: RequestContext[Any, Any]
+    ) -> PromoteResponse:
+        state = await self.replication.promote()
+        return PromoteResponse(
+            replication_id=state.replication_id, epoch=state.epoch,
+            revision=self.node.store.revision, prev_replication_id=state.prev_replication_id,
+            prev_end_revision=state.prev_end_revision,
+        )  # fmt: skip
+
+    @connect_errors
+    async def replica_of(
+        self, request: ReplicaOfRequest, ctx: RequestContext[Any, Any]
+    ) -> ReplicaOfResponse:
+        url = request.primary_url.rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise InvalidArgument(f"primary_url {request.primary_url!r} is not a base URL")
+        if url == self.replication.settings.own_url:
+            raise InvalidArgument("a node cannot follow itself")
+        previous = await self.replication.replica_of(url, force=request.force)
+        return ReplicaOfResponse(primary_url=url, previous_role=previous)
+
 
 class KVStoreService:
     """Implements the generated `KVStore` protocol on top of a Node."""
@@ -158,6 +191,7 @@ class KVStoreService:
         self.node = node
         self.replication = replication
         self.max_wait = replication.settings.min_revision_max_wait_ms / 1000
+        self.max_replica_wait = replication.settings.wait_replicas_max_wait_ms / 1000
 
     @connect_errors
     async def get(self, request: GetRequest, ctx: RequestContext[Any, Any]) -> GetResponse:
@@ -185,9 +219,30 @@ class KVStoreService:
 
     @connect_errors
     async def set(self, request: SetRequest, ctx: RequestContext[Any, Any]) -> SetResponse:
-        return SetResponse(revision=await self.node.set(request.key, request.value))
+        self.replication.check_min_replicas()
+        revision = await self.node.set(request.key, request.value)
+        await self._replicated(revision, request.wait_replicas, ctx)
+        return SetResponse(revision=revision)
 
     @connect_errors
     async def delete(self, request: DeleteRequest, ctx: RequestContext[Any, Any]) -> DeleteResponse:
+        self.replication.check_min_replicas()
         deleted, revision = await self.node.delete(request.key)
+        if deleted:
+            await self._replicated(revision, request.wait_replicas, ctx)
         return DeleteResponse(deleted=deleted, revision=revision)
+
+    async def _replicated(self, revision: int, wanted: int, ctx: RequestContext[Any, Any]) -> None:
+        """wait_replicas: hold the answer until that many replicas made it durable."""
+        if wanted == 0:
+            return
+        deadline_ms = ctx.timeout_ms()
+        wait = self.max_replica_wait
+        if deadline_ms is not None:
+            wait = min(wait, deadline_ms / 1000 - 0.005)
+        got = await self.replication.wait_for_replicas(revision, wanted, max(0.0, wait))
+        if got < wanted:
+            raise ReplicasNotReached(
+                f"the write is committed at revision {revision} on the primary, but only {got}"
+                f" of the {wanted} replicas asked for acknowledged it within {wait * 1000:.0f} ms"
+            )

@@ -170,15 +170,14 @@ class Sender:
         self.connected = True
         if probe.result == PushResult.PUSH_RESULT_REFUSED:
             raise LinkError(f"the replica refused: {probe.message}")
-        history = self.manager.state.replication_id
-        same = probe.replication_id == history or (not probe.replication_id and probe.revision == 0)
+        same = self._same_history(probe)
         if same and probe.revision > self.node.wal.durable_revision:
             raise LinkError(
                 f"the replica is at revision {probe.revision}, ahead of this primary's"
                 f" {self.node.wal.durable_revision} in the same history: not overwriting it"
                 " (see docs/runbook.md, 'Replica ahead of its primary')"
             )
-        self.position, self.acked = probe.revision, probe.durable_revision
+        self.position = probe.revision
         self._hold(lambda: self.position)
         reader = await self._open_backlog(self.position) if same else None
         if reader is None:
@@ -196,6 +195,14 @@ class Sender:
         self._set_state("streaming")
         self._progressed = True
         await self._stream(reader)
+
+    def _same_history(self, probe: PushResponse) -> bool:
+        state = self.manager.state
+        if probe.replication_id == state.replication_id:
+            return True
+        if probe.replication_id and probe.replication_id == state.prev_replication_id:
+            return probe.revision <= state.prev_end_revision  # ours continues theirs
+        return not probe.replication_id and probe.revision == 0
 
     async def _open_backlog(self, after: int) -> BacklogReader | None:
         wal_dir = self.node.wal.dir
@@ -250,7 +257,7 @@ class Sender:
     async def _send(self, batch: list[Committed]) -> None:
         reply = await self._push(self.position, [item.record for item in batch])
         if reply.result == PushResult.PUSH_RESULT_OK:
-            self.position, self.acked = reply.revision, reply.durable_revision
+            self.position = reply.revision
             if self.acked >= self.node.wal.durable_revision:
                 self._behind_since = None
             return
@@ -262,9 +269,18 @@ class Sender:
         raise LinkError(f"the replica refused: {reply.message}")
 
     async def _push(self, prev_revision: int, records: list[bytes]) -> PushResponse:
-        return await self._client.push(
+        reply = await self._client.push(
             PushRequest(primary=self._info(), prev_revision=prev_revision, records=records)
         )
+        if reply.epoch > self.manager.state.epoch:
+            # A newer primary exists: stop taking writes at once (fencing).
+            self.manager.fence(reply.epoch, reply.primary_url)
+            raise ShuttingDown(f"fenced by epoch {reply.epoch}")
+        if reply.result == PushResult.PUSH_RESULT_OK and reply.durable_revision > self.acked:
+            # (Only an answer in our history counts: another's revisions mean nothing here.)
+            self.acked = reply.durable_revision
+            self.manager.note_ack()
+        return reply
 
     def _info(self) -> PrimaryInfo:
         state = self.manager.state
@@ -273,6 +289,8 @@ class Sender:
             replication_id=state.replication_id, epoch=state.epoch,
             durable_revision=self.node.wal.durable_revision,
             sent_unix_ms=int(time.time() * 1000),
+            prev_replication_id=state.prev_replication_id,
+            prev_end_revision=state.prev_end_revision,
         )  # fmt: skip
 
     # -- full resync ----------------------------------------------------------------
@@ -309,6 +327,7 @@ class Sender:
         finally:
             os.close(fd)
         self.position = self.acked = reply.revision
+        self.manager.note_ack()
         log.info(
             "full resync done",
             extra={"replica": self.url, "revision": revision, "bytes": offset,

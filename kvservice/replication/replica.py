@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING
 from connectrpc.errors import ConnectError
 
 from kvservice.engine import Store
-from kvservice.errors import ReplicationRefused, RevisionGap
+from kvservice.errors import Compacted, ReplicationRefused, RevisionGap
+from kvservice.storage.backlog import BacklogReader
+from kvservice.storage.files import create_atomically
 from kvservice.storage.install import Incoming, discard_install, finish_install, stage_install
 from kvservice.storage.snapshot import LoadedSnapshot, load_snapshot
 from kvservice.v1.replication_connect import ReplicationClient
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
     from kvservice.replication.manager import ReplicationManager
 
 log = logging.getLogger("kvservice.replica")
+DIVERGED_DIR = "diverged"
 
 # Give the node a new WAL, feed and snapshotter around an installed store, started.
 Rebuild = Callable[[Store], None]
@@ -63,12 +66,14 @@ class LinkView:
 class ReplicaSide:
     """Applies what the primary sends; knows how fresh this replica is."""
 
-    def __init__(self, manager: ReplicationManager, node: Node, rebuild: Rebuild) -> None:
+    def __init__(
+        self, manager: ReplicationManager, node: Node, rebuild: Rebuild, primary_url: str | None
+    ) -> None:
         self.manager = manager
         self.node = node
         self.rebuild = rebuild
         self.settings = manager.settings
-        self.configured_primary = self.settings.primary_url
+        self.configured_primary = primary_url
         # The URL the primary advertises itself by (its answer to Announce): it may
         # spell the same node differently from primary_url (localhost, a DNS name).
         self.advertised_primary = ""
@@ -107,6 +112,7 @@ class ReplicaSide:
                 return self._answer(PushResult.PUSH_RESULT_REFUSED, refusal)
             self._heard_from(request.primary)
             if not self._same_history(request.primary):
+                await self._save_diverged(request.primary)
                 return self._answer(
                     PushResult.PUSH_RESULT_HISTORY_MISMATCH,
                     f"this replica is in history {self.manager.state.replication_id or '(none)'}"
@@ -139,13 +145,13 @@ class ReplicaSide:
             result=result, revision=self.node.store.revision,
             durable_revision=self.node.wal.durable_revision,
             replication_id=state.replication_id, epoch=state.epoch, node_id=state.node_id,
-            message=message,
+            message=message, primary_url=self.primary_url,
         )  # fmt: skip
 
     def _refusal(self, primary: PrimaryInfo) -> str:
         if self.manager.role != "replica":
             return "this node is a primary, not a replica"
-        if primary.epoch < self.manager.state.epoch:
+        if primary.epoch < self.manager.state.epoch and not self.manager.force_next_sync:
             return (
                 f"the pushing primary's epoch {primary.epoch} is lower than this replica's"
                 f" {self.manager.state.epoch}: it is not the current primary"
@@ -162,8 +168,30 @@ class ReplicaSide:
         mine = self.manager.state.replication_id
         if mine == primary.replication_id:
             return True
+        if mine and mine == primary.prev_replication_id:
+            # The primary's history continues ours (it was promoted): up to the
+            # fork point they are the same.
+            return self.node.store.revision <= primary.prev_end_revision
         # A node with no history yet joins any (nothing of its own to lose).
         return not mine and self.node.store.revision == 0
+
+    async def _save_diverged(self, primary: PrimaryInfo) -> None:
+        """Entries this node holds past the point where the new primary's history
+        forked from ours were never received by it: keep them in diverged/ (the
+        full resync that follows replaces them) and say how many."""
+        mine = self.manager.state.replication_id
+        fork = primary.prev_end_revision
+        if not mine or mine != primary.prev_replication_id or self.node.store.revision <= fork:
+            return
+        path, count = await asyncio.to_thread(
+            save_diverged, self.node.wal.dir, self.settings.data_dir, fork,
+            self.node.store.revision,
+        )  # fmt: skip
+        log.error(
+            "entries the new primary never received were moved aside",
+            extra={"count": count, "after_revision": fork, "path": str(path),
+                   "expected": self.node.store.revision - fork},
+        )  # fmt: skip
 
     async def _adopt(self, primary: PrimaryInfo) -> None:
         state = self.manager.state
@@ -208,6 +236,7 @@ class ReplicaSide:
                     extra={"primary": request.primary.url, "revision": request.revision},
                 )
             incoming = self._incoming
+            self.manager.force_next_sync = False
             if incoming is None or incoming.transfer_id != request.transfer_id:
                 raise ReplicationRefused("no such snapshot transfer here; start again at offset 0")
             if request.offset != incoming.size:
@@ -329,6 +358,23 @@ class ReplicaSide:
         if lag > self.settings.replica_max_lag_seconds:
             return f"lagging {lag:.1f} s behind the primary (replica_max_lag_seconds)"
         return None
+
+
+def save_diverged(wal_dir: Path, data_dir: Path, fork: int, last: int) -> tuple[Path, int]:
+    """Copy the WAL records after `fork` to `<data-dir>/diverged/`; return (file, count)."""
+    target = data_dir / DIVERGED_DIR
+    target.mkdir(exist_ok=True)
+    path = target / f"{fork + 1:016x}-{last:016x}-{int(time.time())}.wal"
+    records: list[bytes] = []
+    try:
+        with BacklogReader(wal_dir, fork) as reader:
+            while batch := reader.read(last):
+                records += [item.record for item in batch]
+    except Compacted as exc:
+        # A snapshot since the fork purged them: only the snapshot holds them now.
+        log.error("diverged entries no longer in the WAL", extra={"error": str(exc)})
+    create_atomically(path, records)
+    return path, len(records)
 
 
 def load_snapshot_as(path: Path, revision: int) -> LoadedSnapshot:

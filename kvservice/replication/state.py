@@ -3,7 +3,8 @@
 `<data-dir>/replication.json` holds the node id (random, made once), the
 replication id of the history the node is in, its epoch, and the previous
 replication id with the revision where that history ended (PSYNC2-like;
-promotion fills it). The last applied revision is the node's own WAL's: a
+promotion fills it), and the role and primary that Promote or ReplicaOf set
+at run time. The last applied revision is the node's own WAL's: a
 replica writes the primary's entries with the same revisions, so recovery
 restores it. An empty data dir has epoch 0 and no replication id yet: a
 primary makes one at its first start; a replica adopts its primary's.
@@ -34,6 +35,10 @@ class ReplicationState:
     epoch: int = 0
     prev_replication_id: str = ""
     prev_end_revision: int = 0
+    # Set by Admin/Promote and Admin/ReplicaOf; wins over the configured role and
+    # primary_url at the next start, so a demoted primary never comes back as one.
+    role: str = ""
+    primary_url: str = ""
 
     def with_history(self, replication_id: str, epoch: int) -> ReplicationState:
         return replace(self, replication_id=replication_id, epoch=epoch)

@@ -23,6 +23,12 @@ class Admin(Protocol):
     async def replication_status(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def promote(self, request: kvservice_dot_v1_dot_admin__pb2.PromoteRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.PromoteResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def replica_of(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class AdminASGIApplication(ConnectASGIApplication[Admin]):
     def __init__(self, service: Admin | AsyncGenerator[Admin], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -48,6 +54,26 @@ class AdminASGIApplication(ConnectASGIApplication[Admin]):
                         idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
                     ),
                     function=svc.replication_status,
+                ),
+                "/kvservice.v1.Admin/Promote": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Promote",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.PromoteResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.promote,
+                ),
+                "/kvservice.v1.Admin/ReplicaOf": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ReplicaOf",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.replica_of,
                 ),
             },
             interceptors=interceptors,
@@ -104,11 +130,55 @@ class AdminClient(ConnectClient):
             use_get=use_get,
         )
 
+    async def promote(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.PromoteResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Promote",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.PromoteResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def replica_of(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ReplicaOf",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class AdminSync(Protocol):
     def snapshot(self, request: kvservice_dot_v1_dot_admin__pb2.SnapshotRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.SnapshotResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def replication_status(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def promote(self, request: kvservice_dot_v1_dot_admin__pb2.PromoteRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.PromoteResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def replica_of(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -135,6 +205,26 @@ class AdminWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
                     ),
                     function=service.replication_status,
+                ),
+                "/kvservice.v1.Admin/Promote": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Promote",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.PromoteResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.promote,
+                ),
+                "/kvservice.v1.Admin/ReplicaOf": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ReplicaOf",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.replica_of,
                 ),
             },
             interceptors=interceptors,
@@ -189,4 +279,44 @@ class AdminClientSync(ConnectClientSync):
             headers=headers,
             timeout_ms=timeout_ms,
             use_get=use_get,
+        )
+
+    def promote(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.PromoteResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Promote",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.PromoteResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def replica_of(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ReplicaOf",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
         )

@@ -6,6 +6,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PromoteRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PromoteResponse(_message.Message):
+    __slots__ = ("replication_id", "epoch", "revision", "prev_replication_id", "prev_end_revision")
+    REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    PREV_REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PREV_END_REVISION_FIELD_NUMBER: _ClassVar[int]
+    replication_id: str
+    epoch: int
+    revision: int
+    prev_replication_id: str
+    prev_end_revision: int
+    def __init__(self, replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., revision: _Optional[int] = ..., prev_replication_id: _Optional[str] = ..., prev_end_revision: _Optional[int] = ...) -> None: ...
+
+class ReplicaOfRequest(_message.Message):
+    __slots__ = ("primary_url", "force")
+    PRIMARY_URL_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    primary_url: str
+    force: bool
+    def __init__(self, primary_url: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class ReplicaOfResponse(_message.Message):
+    __slots__ = ("primary_url", "previous_role")
+    PRIMARY_URL_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_ROLE_FIELD_NUMBER: _ClassVar[int]
+    primary_url: str
+    previous_role: str
+    def __init__(self, primary_url: _Optional[str] = ..., previous_role: _Optional[str] = ...) -> None: ...
+
 class SnapshotRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -25,7 +59,7 @@ class ReplicationStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicationStatusResponse(_message.Message):
-    __slots__ = ("role", "node_id", "replication_id", "epoch", "revision", "durable_revision", "advertise_url", "replicas", "link")
+    __slots__ = ("role", "node_id", "replication_id", "epoch", "revision", "durable_revision", "advertise_url", "replicas", "link", "prev_replication_id", "prev_end_revision", "fenced")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +69,9 @@ class ReplicationStatusResponse(_message.Message):
     ADVERTISE_URL_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     LINK_FIELD_NUMBER: _ClassVar[int]
+    PREV_REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PREV_END_REVISION_FIELD_NUMBER: _ClassVar[int]
+    FENCED_FIELD_NUMBER: _ClassVar[int]
     role: str
     node_id: str
     replication_id: str
@@ -44,7 +81,10 @@ class ReplicationStatusResponse(_message.Message):
     advertise_url: str
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
     link: ReplicaLink
-    def __init__(self, role: _Optional[str] = ..., node_id: _Optional[str] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., revision: _Optional[int] = ..., durable_revision: _Optional[int] = ..., advertise_url: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., link: _Optional[_Union[ReplicaLink, _Mapping]] = ...) -> None: ...
+    prev_replication_id: str
+    prev_end_revision: int
+    fenced: str
+    def __init__(self, role: _Optional[str] = ..., node_id: _Optional[str] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., revision: _Optional[int] = ..., durable_revision: _Optional[int] = ..., advertise_url: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., link: _Optional[_Union[ReplicaLink, _Mapping]] = ..., prev_replication_id: _Optional[str] = ..., prev_end_revision: _Optional[int] = ..., fenced: _Optional[str] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
     __slots__ = ("url", "state", "acked_revision", "lag_revisions", "lag_seconds", "last_error", "full_resyncs", "partial_resyncs")

@@ -21,20 +21,24 @@ PUSH_RESULT_HISTORY_MISMATCH: PushResult
 PUSH_RESULT_REFUSED: PushResult
 
 class PrimaryInfo(_message.Message):
-    __slots__ = ("url", "node_id", "replication_id", "epoch", "durable_revision", "sent_unix_ms")
+    __slots__ = ("url", "node_id", "replication_id", "epoch", "durable_revision", "sent_unix_ms", "prev_replication_id", "prev_end_revision")
     URL_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     DURABLE_REVISION_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PREV_REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    PREV_END_REVISION_FIELD_NUMBER: _ClassVar[int]
     url: str
     node_id: str
     replication_id: str
     epoch: int
     durable_revision: int
     sent_unix_ms: int
-    def __init__(self, url: _Optional[str] = ..., node_id: _Optional[str] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., durable_revision: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ...) -> None: ...
+    prev_replication_id: str
+    prev_end_revision: int
+    def __init__(self, url: _Optional[str] = ..., node_id: _Optional[str] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., durable_revision: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., prev_replication_id: _Optional[str] = ..., prev_end_revision: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("primary", "prev_revision", "records", "last_commit_unix_ms")
@@ -49,7 +53,7 @@ class PushRequest(_message.Message):
     def __init__(self, primary: _Optional[_Union[PrimaryInfo, _Mapping]] = ..., prev_revision: _Optional[int] = ..., records: _Optional[_Iterable[bytes]] = ..., last_commit_unix_ms: _Optional[int] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("result", "revision", "durable_revision", "replication_id", "epoch", "node_id", "message")
+    __slots__ = ("result", "revision", "durable_revision", "replication_id", "epoch", "node_id", "message", "primary_url")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     DURABLE_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +61,7 @@ class PushResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_URL_FIELD_NUMBER: _ClassVar[int]
     result: PushResult
     revision: int
     durable_revision: int
@@ -64,7 +69,8 @@ class PushResponse(_message.Message):
     epoch: int
     node_id: str
     message: str
-    def __init__(self, result: _Optional[_Union[PushResult, str]] = ..., revision: _Optional[int] = ..., durable_revision: _Optional[int] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    primary_url: str
+    def __init__(self, result: _Optional[_Union[PushResult, str]] = ..., revision: _Optional[int] = ..., durable_revision: _Optional[int] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., message: _Optional[str] = ..., primary_url: _Optional[str] = ...) -> None: ...
 
 class InstallSnapshotRequest(_message.Message):
     __slots__ = ("primary", "transfer_id", "revision", "offset", "data", "done")
