@@ -149,8 +149,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def prepare_tools(plan: Plan) -> list[str]:
-    """Install what is missing if allowed; return what is still missing."""
-    return tools.install_missing() if plan.install else tools.missing()
+    """Install what is missing if allowed; return what is still missing. The opt-in
+    cases alone need only wrk (the peers are for the cases of issue 4)."""
+    commands = None if plan.standard else ["wrk"]
+    return tools.install_missing(commands) if plan.install else tools.missing(commands)
 
 
 def run_throughput(plan: Plan, results: Results, work: Path, missing: list[str]) -> None:

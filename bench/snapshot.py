@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import statistics
 import subprocess
@@ -363,7 +364,7 @@ def measure(
         for n, system in enumerate(systems):
             data_dir = work / f"snapshot-data-{n}"
             shutil.copytree(source, data_dir)
-            name = f"snapshot-{system.label}"
+            name = "snapshot-" + re.sub(r"[^\w.-]+", "-", system.label)
             server = start_kvservice(work, name, data_dir, repo=system.repo)
             stack.callback(server.stop)
             servers.append(server)
