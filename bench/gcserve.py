@@ -85,6 +85,7 @@ class Stats:
             total_ms=[ns / 1e6 for ns in clock.total_ns],
             max_ms=[ns / 1e6 for ns in clock.max_ns],
             thresholds=list(gc.get_threshold()),
+            counts=list(gc.get_count()),
             frozen=gc.get_freeze_count(),
         )
         for generation in range(3):

@@ -278,7 +278,12 @@ def _snapshot_load(r: SnapGcResults) -> str:
         "the event loop shows in every request it delays. Requests are grouped by when "
         "they were due: inside the snapshot call, or before/after it in the same run; a "
         "second run of the same length without a snapshot follows. Medians over rounds "
-        f"(min{DASH}max); requests and errors are totals.\n"
+        f"(min{DASH}max); requests and errors are totals. On 2 cores the snapshot writer "
+        '(a forked child today) takes one core for the whole call; "other CPU" is what the '
+        "rest of the machine took in the same window. Near 1 core, the node shares the "
+        "remaining core with the load generator, so a p50 that rises with the p99 during "
+        "the snapshot means CPU contention, not one stall; it applies to both checkouts "
+        "alike, which is why they alternate in the same run.\n"
     )
 
 
@@ -365,6 +370,7 @@ def _gc_latency(res: GcResult) -> str:
                 f"{g.per_second('gen0'):,.1f} / {g.per_second('gen1'):,.2f} / "
                 f"{g.per_second('gen2'):,.2f}",
                 f"{gc_ms_per_s:,.1f}",
+                f"{g.longest('gen0_count'):,.0f}",
                 f"{g.longest('gen2_max_ms'):,.1f}",
                 f"{longest:,.1f}",
                 _spread([x.server_cpu for x in runs], _s),
@@ -380,6 +386,7 @@ def _gc_latency(res: GcResult) -> str:
         "p99 ms",
         "collections/s gen0 / gen1 / gen2",
         "GC ms per s",
+        "max gen0 count at run end",
         "longest gen2 ms",
         "longest GC pause ms",
         "server CPU",
@@ -394,7 +401,10 @@ def _gc_latency(res: GcResult) -> str:
         + _table(head, rows)
         + f"\nMedians over rounds (min{DASH}max). GC columns come from a `gc.callbacks` hook in "
         "the node, read before and after each run (SIGUSR1): collections per second of "
-        "load, milliseconds spent collecting per second, and the longest single pause.\n"
+        "load, milliseconds spent collecting per second, the number of young objects pending "
+        "when the run ended (gc.get_count()[0], the highest over rounds: a young collection "
+        "runs when it passes the first threshold), and the longest single pause (wall "
+        "time: a pause can include time the node was preempted by other processes).\n"
     )
 
 

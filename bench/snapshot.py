@@ -194,16 +194,18 @@ class SnapshotResult:
 
 
 def describe(label: str, repo: Path) -> System:
+    """A checkout, named by the last commit that changed its kvservice/ (+dirty if edited)."""
     kvservice_origin(repo)  # refuses a checkout whose kvservice would not be imported
-    done = subprocess.run(
-        ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-        capture_output=True, text=True, timeout=10, check=False,
-    )  # fmt: skip
-    commit = done.stdout.strip() or "?"
-    dirty = subprocess.run(
-        ["git", "-C", str(repo), "status", "--porcelain", "--", "kvservice"],
-        capture_output=True, text=True, timeout=10, check=False,
-    ).stdout.strip()  # fmt: skip
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+            check=False,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    commit = git("log", "-1", "--format=%h", "--", "kvservice") or "?"
+    dirty = git("status", "--porcelain", "--", "kvservice")
     return System(label, repo.resolve(), commit + ("+dirty" if dirty else ""))
 
 
