@@ -103,6 +103,8 @@ def gc_case(node: GcNode, op: str, work: Path, settings: Settings) -> Case:
             extra[f"gen{gen}"] = after["collections"][gen] - before["collections"][gen]
             extra[f"gen{gen}_ms"] = after["total_ms"][gen] - before["total_ms"][gen]
             extra[f"gen{gen}_max_ms"] = after["max_ms"][gen]
+            extra[f"gen{gen}_cpu_ms"] = after["cpu_total_ms"][gen] - before["cpu_total_ms"][gen]
+            extra[f"gen{gen}_cpu_max_ms"] = after["cpu_max_ms"][gen]
         # Objects allocated since the last young collection, as the run ends: with
         # requests in flight this stays under a raised threshold, which then never fires.
         extra["gen0_count"] = after["counts"][0]

@@ -47,24 +47,31 @@ FULL_COLLECTIONS_TIMED = 3
 
 
 class GcClock:
-    """Per generation: collections, total and longest pause, kept in arrays so the
-    hook itself allocates no object the collector would have to track."""
+    """Per generation: collections, total and longest pause, in wall time and in the
+    collecting thread's CPU time (which a preemption by other processes does not
+    inflate), kept in arrays so the hook allocates no object the collector tracks."""
 
     def __init__(self) -> None:
         self.counts = array.array("q", [0, 0, 0])
         self.total_ns = array.array("q", [0, 0, 0])
         self.max_ns = array.array("q", [0, 0, 0])  # since the previous dump
-        self.started_ns = 0
+        self.cpu_total_ns = array.array("q", [0, 0, 0])
+        self.cpu_max_ns = array.array("q", [0, 0, 0])  # since the previous dump
+        self.started_ns = self.started_cpu_ns = 0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self.started_ns = time.perf_counter_ns()
+            self.started_cpu_ns = time.thread_time_ns()
             return
         took = time.perf_counter_ns() - self.started_ns
+        took_cpu = time.thread_time_ns() - self.started_cpu_ns
         generation = info["generation"]
         self.counts[generation] += 1
         self.total_ns[generation] += took
         self.max_ns[generation] = max(self.max_ns[generation], took)
+        self.cpu_total_ns[generation] += took_cpu
+        self.cpu_max_ns[generation] = max(self.cpu_max_ns[generation], took_cpu)
 
 
 class Stats:
@@ -84,12 +91,14 @@ class Stats:
             collections=list(clock.counts),
             total_ms=[ns / 1e6 for ns in clock.total_ns],
             max_ms=[ns / 1e6 for ns in clock.max_ns],
+            cpu_total_ms=[ns / 1e6 for ns in clock.cpu_total_ns],
+            cpu_max_ms=[ns / 1e6 for ns in clock.cpu_max_ns],
             thresholds=list(gc.get_threshold()),
             counts=list(gc.get_count()),
             frozen=gc.get_freeze_count(),
         )
         for generation in range(3):
-            clock.max_ns[generation] = 0
+            clock.max_ns[generation] = clock.cpu_max_ns[generation] = 0
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.fields))
         os.replace(tmp, self.path)

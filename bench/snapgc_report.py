@@ -357,7 +357,9 @@ def _gc_latency(res: GcResult) -> str:
             continue
         g = _GcRow(runs)
         gc_ms_per_s = sum(g.per_second(f"gen{n}_ms") for n in range(3))
+        gc_cpu_per_s = sum(g.per_second(f"gen{n}_cpu_ms") for n in range(3))
         longest = max(g.longest(f"gen{n}_max_ms") for n in range(3))
+        longest_cpu = max(g.longest(f"gen{n}_cpu_max_ms") for n in range(3))
         base_p99, base_rps = defaults.get(case.op, (None, None))
         p99 = _median([x.p99_ms for x in runs])
         rps = _median([x.rps for x in runs])
@@ -369,10 +371,10 @@ def _gc_latency(res: GcResult) -> str:
                 _spread([x.p99_ms for x in runs], _ms, bold=True),
                 f"{g.per_second('gen0'):,.1f} / {g.per_second('gen1'):,.2f} / "
                 f"{g.per_second('gen2'):,.2f}",
-                f"{gc_ms_per_s:,.1f}",
+                f"{gc_ms_per_s:,.1f} / {gc_cpu_per_s:,.1f}",
                 f"{g.longest('gen0_count'):,.0f}",
-                f"{g.longest('gen2_max_ms'):,.1f}",
-                f"{longest:,.1f}",
+                f"{g.longest('gen2_max_ms'):,.1f} / {g.longest('gen2_cpu_max_ms'):,.1f}",
+                f"{longest:,.1f} / {longest_cpu:,.1f}",
                 _spread([x.server_cpu for x in runs], _s),
                 _spread([x.other_cpu for x in runs], _s),
                 fmt_ratio(ratio(rps, base_rps)),
@@ -385,10 +387,10 @@ def _gc_latency(res: GcResult) -> str:
         "p50 ms",
         "p99 ms",
         "collections/s gen0 / gen1 / gen2",
-        "GC ms per s",
+        "GC ms per s, wall / CPU",
         "max gen0 count at run end",
-        "longest gen2 ms",
-        "longest GC pause ms",
+        "longest gen2 ms, wall / CPU",
+        "longest GC pause ms, wall / CPU",
         "server CPU",
         "other CPU",
         "req/s vs default",
@@ -403,8 +405,9 @@ def _gc_latency(res: GcResult) -> str:
         "the node, read before and after each run (SIGUSR1): collections per second of "
         "load, milliseconds spent collecting per second, the number of young objects pending "
         "when the run ended (gc.get_count()[0], the highest over rounds: a young collection "
-        "runs when it passes the first threshold), and the longest single pause (wall "
-        "time: a pause can include time the node was preempted by other processes).\n"
+        "runs when it passes the first threshold), and the longest single pause. Wall time "
+        "includes any time the node was preempted by other processes during a collection; "
+        "CPU time (the collecting thread's, time.thread_time) does not.\n"
     )
 
 
