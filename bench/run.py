@@ -304,6 +304,9 @@ def run_snapshot_gc(plan: Plan, out: Path, settings: throughput.Settings) -> lis
             versions=tools.versions(plan.kvservice_repo),
             settings=settings,
         )
+        # Name the code under test, not the bench commits on top of it.
+        results.versions["bench commit"] = results.versions["kvservice commit"]
+        results.versions["kvservice commit"] = snapshot.kvservice_commit(plan.kvservice_repo)
         if plan.opted("snapshot"):
             systems = snapshot.systems_for(
                 plan.kvservice_repo, plan.compare_repo, plan.compare_label

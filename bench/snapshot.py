@@ -193,9 +193,8 @@ class SnapshotResult:
     systems: list[SystemResult]
 
 
-def describe(label: str, repo: Path) -> System:
-    """A checkout, named by the last commit that changed its kvservice/ (+dirty if edited)."""
-    kvservice_origin(repo)  # refuses a checkout whose kvservice would not be imported
+def kvservice_commit(repo: Path) -> str:
+    """The last commit that changed `repo`'s kvservice/, with +dirty if it is edited."""
 
     def git(*args: str) -> str:
         done = subprocess.run(
@@ -205,8 +204,12 @@ def describe(label: str, repo: Path) -> System:
         return done.stdout.strip()
 
     commit = git("log", "-1", "--format=%h", "--", "kvservice") or "?"
-    dirty = git("status", "--porcelain", "--", "kvservice")
-    return System(label, repo.resolve(), commit + ("+dirty" if dirty else ""))
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "kvservice") else "")
+
+
+def describe(label: str, repo: Path) -> System:
+    kvservice_origin(repo)  # refuses a checkout whose kvservice would not be imported
+    return System(label, repo.resolve(), kvservice_commit(repo))
 
 
 def systems_for(repo: Path, compare: Path | None, label: str = "after") -> list[System]:
