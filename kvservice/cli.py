@@ -21,6 +21,7 @@ from kvservice.storage.files import DataDirLocked, lock_data_dir
 from kvservice.storage.recovery import recover
 from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import (
+    FailoverRequest,
     PromoteRequest,
     ReplicaOfRequest,
     ReplicationStatusRequest,
@@ -90,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replicaof.add_argument("--url", required=True, help="the node to repoint")
     replicaof.add_argument("--primary", required=True, help="base URL of the primary to follow")
+    failover = commands.add_parser(
+        "failover", help="planned switchover: primary P hands over to replica R, no write lost"
+    )
+    failover.add_argument("--url", required=True, help="the current primary")
+    failover.add_argument("--to", required=True, help="the replica to promote")
     replicaof.add_argument(
         "--force", action="store_true",
         help="accept that primary even if its epoch is lower (after deciding its data wins)",
@@ -118,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, origin in sources(settings, flags).items():
             print(f"{name} = {shown_value(name, getattr(settings, name))}  ({origin})")
         return EXIT_OK
-    if args.command in ("promote", "replicaof", "snapshot", "status"):
+    if args.command in ("promote", "replicaof", "failover", "snapshot", "status"):
         return _remote(args, settings)
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "wal":
@@ -180,7 +186,7 @@ def _snapshot(url: str) -> int:
 
 def _remote(args: argparse.Namespace, settings: Settings) -> int:
     """Commands that call a running node's Admin service."""
-    if args.command in ("promote", "replicaof"):
+    if args.command in ("promote", "replicaof", "failover"):
         return _role_change(args)
     url = args.url or f"http://{settings.host}:{settings.port}"
     return _snapshot(url) if args.command == "snapshot" else _status(url)
@@ -191,6 +197,8 @@ def _role_change(args: argparse.Namespace) -> int:
         try:
             if args.command == "promote":
                 reply: Any = admin.promote(PromoteRequest())
+            elif args.command == "failover":
+                reply = admin.failover(FailoverRequest(to=args.to))
             else:
                 request = ReplicaOfRequest(primary_url=args.primary, force=args.force)
                 reply = admin.replica_of(request)

@@ -33,6 +33,8 @@ from kvservice.errors import (
 from kvservice.node import Node
 from kvservice.replication.manager import ReplicationManager
 from kvservice.v1.admin_pb2 import (
+    FailoverRequest,
+    FailoverResponse,
     PromoteRequest,
     PromoteResponse,
     ReplicaLink,
@@ -183,6 +185,19 @@ class AdminService:
         previous = await self.replication.replica_of(url, force=request.force)
         return ReplicaOfResponse(primary_url=url, previous_role=previous)
 
+    @connect_errors
+    async def failover(
+        self, request: FailoverRequest, ctx: RequestContext[Any, Any]
+    ) -> FailoverResponse:
+        deadline_ms = ctx.timeout_ms()
+        seconds = 60.0 if deadline_ms is None else max(0.1, deadline_ms / 1000 - 1.0)
+        done = await self.replication.failover(request.to, seconds)
+        return FailoverResponse(
+            revision=done.revision, write_pause_ms=done.write_pause_ms,
+            replication_id=done.replication_id, epoch=done.epoch,
+            repointed=done.repointed, not_repointed=done.not_repointed,
+        )  # fmt: skip
+
 
 class KVStoreService:
     """Implements the generated `KVStore` protocol on top of a Node."""
@@ -219,14 +234,14 @@ class KVStoreService:
 
     @connect_errors
     async def set(self, request: SetRequest, ctx: RequestContext[Any, Any]) -> SetResponse:
-        self.replication.check_min_replicas()
+        self.replication.check_writable()
         revision = await self.node.set(request.key, request.value)
         await self._replicated(revision, request.wait_replicas, ctx)
         return SetResponse(revision=revision)
 
     @connect_errors
     async def delete(self, request: DeleteRequest, ctx: RequestContext[Any, Any]) -> DeleteResponse:
-        self.replication.check_min_replicas()
+        self.replication.check_writable()
         deleted, revision = await self.node.delete(request.key)
         if deleted:
             await self._replicated(revision, request.wait_replicas, ctx)

@@ -29,6 +29,9 @@ class Admin(Protocol):
     async def replica_of(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def failover(self, request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class AdminASGIApplication(ConnectASGIApplication[Admin]):
     def __init__(self, service: Admin | AsyncGenerator[Admin], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -74,6 +77,16 @@ class AdminASGIApplication(ConnectASGIApplication[Admin]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.replica_of,
+                ),
+                "/kvservice.v1.Admin/Failover": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Failover",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.FailoverResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.failover,
                 ),
             },
             interceptors=interceptors,
@@ -170,6 +183,26 @@ class AdminClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def failover(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Failover",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.FailoverResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class AdminSync(Protocol):
     def snapshot(self, request: kvservice_dot_v1_dot_admin__pb2.SnapshotRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.SnapshotResponse:
@@ -179,6 +212,8 @@ class AdminSync(Protocol):
     def promote(self, request: kvservice_dot_v1_dot_admin__pb2.PromoteRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.PromoteResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def replica_of(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def failover(self, request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -225,6 +260,16 @@ class AdminWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.replica_of,
+                ),
+                "/kvservice.v1.Admin/Failover": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Failover",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.FailoverResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.failover,
                 ),
             },
             interceptors=interceptors,
@@ -315,6 +360,26 @@ class AdminClientSync(ConnectClientSync):
                 service_name="kvservice.v1.Admin",
                 input=kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
                 output=kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def failover(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Failover",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.FailoverResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

@@ -6,6 +6,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class FailoverRequest(_message.Message):
+    __slots__ = ("to",)
+    TO_FIELD_NUMBER: _ClassVar[int]
+    to: str
+    def __init__(self, to: _Optional[str] = ...) -> None: ...
+
+class FailoverResponse(_message.Message):
+    __slots__ = ("revision", "write_pause_ms", "replication_id", "epoch", "repointed", "not_repointed")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    WRITE_PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REPOINTED_FIELD_NUMBER: _ClassVar[int]
+    NOT_REPOINTED_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    write_pause_ms: float
+    replication_id: str
+    epoch: int
+    repointed: _containers.RepeatedScalarFieldContainer[str]
+    not_repointed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, revision: _Optional[int] = ..., write_pause_ms: _Optional[float] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., repointed: _Optional[_Iterable[str]] = ..., not_repointed: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class PromoteRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
