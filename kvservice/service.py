@@ -5,9 +5,11 @@ This is the one place where kvservice errors become Connect codes.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from connectrpc.code import Code
@@ -32,7 +34,10 @@ from kvservice.errors import (
 )
 from kvservice.node import Node
 from kvservice.replication.manager import ReplicationManager
+from kvservice.storage.backup import backup_stream
 from kvservice.v1.admin_pb2 import (
+    BackupChunk,
+    BackupRequest,
     FailoverRequest,
     FailoverResponse,
     PromoteRequest,
@@ -197,6 +202,24 @@ class AdminService:
             replication_id=done.replication_id, epoch=done.epoch,
             repointed=done.repointed, not_repointed=done.not_repointed,
         )  # fmt: skip
+
+    async def backup(
+        self, request: BackupRequest, ctx: RequestContext[Any, Any]
+    ) -> AsyncIterator[BackupChunk]:
+        """A snapshot taken now, streamed in bounded chunks, then its SHA-256."""
+        try:
+            info = await self.node.snapshot()
+        except KVError as exc:
+            raise to_connect_error(exc) from None
+        state = self.replication.state
+        chunks = backup_stream(info.path, state.replication_id, state.epoch)
+        digest = hashlib.sha256()
+        size = 0
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            digest.update(chunk)
+            size += len(chunk)
+            yield BackupChunk(data=chunk)
+        yield BackupChunk(revision=info.revision, sha256=digest.hexdigest(), size=size)
 
 
 class KVStoreService:

@@ -202,6 +202,8 @@ class Sender:
             return True
         if probe.replication_id and probe.replication_id == state.prev_replication_id:
             return probe.revision <= state.prev_end_revision  # ours continues theirs
+        if not probe.replication_id and probe.prev_replication_id == state.replication_id:
+            return probe.revision <= self.node.wal.durable_revision  # restored from our backup
         return not probe.replication_id and probe.revision == 0
 
     async def _open_backlog(self, after: int) -> BacklogReader | None:

@@ -146,6 +146,7 @@ class ReplicaSide:
             durable_revision=self.node.wal.durable_revision,
             replication_id=state.replication_id, epoch=state.epoch, node_id=state.node_id,
             message=message, primary_url=self.primary_url,
+            prev_replication_id="" if state.replication_id else state.prev_replication_id,
         )  # fmt: skip
 
     def _refusal(self, primary: PrimaryInfo) -> str:
@@ -172,6 +173,9 @@ class ReplicaSide:
             # The primary's history continues ours (it was promoted): up to the
             # fork point they are the same.
             return self.node.store.revision <= primary.prev_end_revision
+        if not mine and self.manager.state.prev_replication_id == primary.replication_id:
+            # Restored from a backup of this very history: a prefix of it.
+            return self.node.store.revision <= primary.durable_revision
         # A node with no history yet joins any (nothing of its own to lose).
         return not mine and self.node.store.revision == 0
 

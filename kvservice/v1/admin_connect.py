@@ -32,6 +32,9 @@ class Admin(Protocol):
     async def failover(self, request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    def backup(self, request: kvservice_dot_v1_dot_admin__pb2.BackupRequest, ctx: RequestContext) -> AsyncIterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class AdminASGIApplication(ConnectASGIApplication[Admin]):
     def __init__(self, service: Admin | AsyncGenerator[Admin], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -87,6 +90,16 @@ class AdminASGIApplication(ConnectASGIApplication[Admin]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.failover,
+                ),
+                "/kvservice.v1.Admin/Backup": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="Backup",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.backup,
                 ),
             },
             interceptors=interceptors,
@@ -203,6 +216,26 @@ class AdminClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    def backup(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="Backup",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class AdminSync(Protocol):
     def snapshot(self, request: kvservice_dot_v1_dot_admin__pb2.SnapshotRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.SnapshotResponse:
@@ -214,6 +247,8 @@ class AdminSync(Protocol):
     def replica_of(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def failover(self, request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def backup(self, request: kvservice_dot_v1_dot_admin__pb2.BackupRequest, ctx: RequestContext) -> Iterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -270,6 +305,16 @@ class AdminWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.failover,
+                ),
+                "/kvservice.v1.Admin/Backup": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="Backup",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.backup,
                 ),
             },
             interceptors=interceptors,
@@ -380,6 +425,26 @@ class AdminClientSync(ConnectClientSync):
                 service_name="kvservice.v1.Admin",
                 input=kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
                 output=kvservice_dot_v1_dot_admin__pb2.FailoverResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def backup(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> Iterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="Backup",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

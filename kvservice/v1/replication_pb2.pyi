@@ -53,7 +53,7 @@ class PushRequest(_message.Message):
     def __init__(self, primary: _Optional[_Union[PrimaryInfo, _Mapping]] = ..., prev_revision: _Optional[int] = ..., records: _Optional[_Iterable[bytes]] = ..., last_commit_unix_ms: _Optional[int] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("result", "revision", "durable_revision", "replication_id", "epoch", "node_id", "message", "primary_url")
+    __slots__ = ("result", "revision", "durable_revision", "replication_id", "epoch", "node_id", "message", "primary_url", "prev_replication_id")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     DURABLE_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class PushResponse(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_URL_FIELD_NUMBER: _ClassVar[int]
+    PREV_REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
     result: PushResult
     revision: int
     durable_revision: int
@@ -70,7 +71,8 @@ class PushResponse(_message.Message):
     node_id: str
     message: str
     primary_url: str
-    def __init__(self, result: _Optional[_Union[PushResult, str]] = ..., revision: _Optional[int] = ..., durable_revision: _Optional[int] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., message: _Optional[str] = ..., primary_url: _Optional[str] = ...) -> None: ...
+    prev_replication_id: str
+    def __init__(self, result: _Optional[_Union[PushResult, str]] = ..., revision: _Optional[int] = ..., durable_revision: _Optional[int] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., message: _Optional[str] = ..., primary_url: _Optional[str] = ..., prev_replication_id: _Optional[str] = ...) -> None: ...
 
 class InstallSnapshotRequest(_message.Message):
     __slots__ = ("primary", "transfer_id", "revision", "offset", "data", "done")
