@@ -16,6 +16,7 @@ from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 
 from kvservice import __version__, logs
+from kvservice.checker import check_nodes
 from kvservice.config import ConfigError, Settings, load, shown_value, sources
 from kvservice.errors import StorageError
 from kvservice.replication.state import ReplicationState, new_id, save_state
@@ -111,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true",
         help="restore into a non-empty data dir (its contents are moved to pre-restore-*/)",
     )  # fmt: skip
+    check = commands.add_parser(
+        "check", help="compare a replica's state with its primary's: exit 0 equal, 1 different"
+        " (the differing keys are printed), 2 usage or unreachable",
+    )  # fmt: skip
+    check.add_argument("--primary", required=True, help="the primary's URL")
+    check.add_argument("--replica", required=True, help="the replica's URL")
     failover = commands.add_parser(
         "failover", help="planned switchover: primary P hands over to replica R, no write lost"
     )
@@ -204,7 +211,7 @@ def _snapshot(url: str) -> int:
     return EXIT_OK
 
 
-REMOTE_COMMANDS = ("promote", "replicaof", "failover", "snapshot", "status", "backup")
+REMOTE_COMMANDS = ("promote", "replicaof", "failover", "snapshot", "status", "backup", "check")
 
 
 def _remote(args: argparse.Namespace, settings: Settings) -> int:
@@ -213,6 +220,8 @@ def _remote(args: argparse.Namespace, settings: Settings) -> int:
         return _role_change(args)
     if args.command == "backup":
         return _backup(args.url, args.out)
+    if args.command == "check":
+        return check_nodes(args.primary, args.replica)
     url = args.url or f"http://{settings.host}:{settings.port}"
     return _snapshot(url) if args.command == "snapshot" else _status(url)
 

@@ -16,6 +16,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
+from kvservice.digests import MAX_BUCKETS, bucket_digests
 from kvservice.errors import (
     Compacted,
     FeedOverflow,
@@ -38,8 +39,11 @@ from kvservice.storage.backup import backup_stream
 from kvservice.v1.admin_pb2 import (
     BackupChunk,
     BackupRequest,
+    DigestRequest,
+    DigestResponse,
     FailoverRequest,
     FailoverResponse,
+    KeyDigest,
     PromoteRequest,
     PromoteResponse,
     ReplicaLink,
@@ -220,6 +224,33 @@ class AdminService:
             size += len(chunk)
             yield BackupChunk(data=chunk)
         yield BackupChunk(revision=info.revision, sha256=digest.hexdigest(), size=size)
+
+    @connect_errors
+    async def digest(self, request: DigestRequest, ctx: RequestContext[Any, Any]) -> DigestResponse:
+        if request.buckets > MAX_BUCKETS:
+            raise InvalidArgument(f"buckets is at most {MAX_BUCKETS}")
+        node = self.node
+        if request.min_revision > node.store.revision:
+            wait = self.replication.settings.min_revision_max_wait_ms / 1000
+            deadline_ms = ctx.timeout_ms()
+            if deadline_ms is not None:
+                wait = min(wait, deadline_ms / 1000)
+            if not await node.wait_for_revision(request.min_revision, wait):
+                raise RevisionNotReached(
+                    f"this node is at revision {node.store.revision}, not {request.min_revision}"
+                )
+        store = node.store
+        reply = DigestResponse(revision=store.revision, digest=store.digest)
+        if request.buckets:
+            # Copied in this step, so the buckets describe exactly that revision.
+            data = dict(store.data)
+            found = await asyncio.to_thread(
+                bucket_digests, data, request.buckets, set(request.list_buckets)
+            )
+            reply.bucket_digests.extend(found.digests)
+            for key, revision, term, bucket in found.keys:
+                reply.keys.append(KeyDigest(key=key, revision=revision, hash=term, bucket=bucket))
+        return reply
 
 
 class KVStoreService:

@@ -82,6 +82,7 @@ class ReplicationManager:
         self._rebuild = rebuild
         self._ack_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._ack_moved = asyncio.Event()
+        self._past_mismatches = 0
         self._set_node_role()
 
     def _set_node_role(self) -> None:
@@ -112,6 +113,7 @@ class ReplicationManager:
         await asyncio.gather(*(sender.close() for sender in senders))
         if self.replica is not None:
             replica, self.replica = self.replica, None
+            self._past_mismatches += replica.digest_mismatches
             await replica.close()
 
     async def save(self, state: ReplicationState) -> None:
@@ -314,6 +316,12 @@ class ReplicationManager:
             )
             for s in self.senders.values()
         ]
+
+    @property
+    def digest_mismatches(self) -> int:
+        """Mismatches seen by this node as a replica (kept across role changes)."""
+        current = self.replica.digest_mismatches if self.replica is not None else 0
+        return self._past_mismatches + current
 
     def link_view(self) -> LinkView | None:
         return self.replica.view() if self.replica is not None else None

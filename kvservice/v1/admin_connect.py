@@ -35,6 +35,9 @@ class Admin(Protocol):
     def backup(self, request: kvservice_dot_v1_dot_admin__pb2.BackupRequest, ctx: RequestContext) -> AsyncIterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def digest(self, request: kvservice_dot_v1_dot_admin__pb2.DigestRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.DigestResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class AdminASGIApplication(ConnectASGIApplication[Admin]):
     def __init__(self, service: Admin | AsyncGenerator[Admin], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -100,6 +103,16 @@ class AdminASGIApplication(ConnectASGIApplication[Admin]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.backup,
+                ),
+                "/kvservice.v1.Admin/Digest": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Digest",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.DigestResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=svc.digest,
                 ),
             },
             interceptors=interceptors,
@@ -236,6 +249,28 @@ class AdminClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def digest(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_admin__pb2.DigestResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Digest",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.DigestResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
 
 class AdminSync(Protocol):
     def snapshot(self, request: kvservice_dot_v1_dot_admin__pb2.SnapshotRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.SnapshotResponse:
@@ -249,6 +284,8 @@ class AdminSync(Protocol):
     def failover(self, request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def backup(self, request: kvservice_dot_v1_dot_admin__pb2.BackupRequest, ctx: RequestContext) -> Iterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def digest(self, request: kvservice_dot_v1_dot_admin__pb2.DigestRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.DigestResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -315,6 +352,16 @@ class AdminWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.backup,
+                ),
+                "/kvservice.v1.Admin/Digest": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Digest",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.DigestResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=service.digest,
                 ),
             },
             interceptors=interceptors,
@@ -449,4 +496,26 @@ class AdminClientSync(ConnectClientSync):
             ),
             headers=headers,
             timeout_ms=timeout_ms,
+        )
+
+    def digest(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_admin__pb2.DigestResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Digest",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.DigestResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
         )
