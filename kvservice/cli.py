@@ -14,6 +14,8 @@ from connectrpc.errors import ConnectError
 from kvservice import __version__, logs
 from kvservice.config import ConfigError, Settings, load, shown_value, sources
 from kvservice.errors import StorageError
+from kvservice.remote import add_remote_flags, remote_transport
+from kvservice.security import check_settings
 from kvservice.server import CannotServe, serve
 from kvservice.storage import repair
 from kvservice.storage.files import DataDirLocked, lock_data_dir
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     snapshot.add_argument("--config", default=None, help="YAML config file")
     snapshot.add_argument("--host", default=None, help="node host, when --url is not given")
     snapshot.add_argument("--port", default=None, help="node port, when --url is not given")
+    add_remote_flags(snapshot)
 
     config = commands.add_parser("config", help="settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -96,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name} = {shown_value(name, getattr(settings, name))}  ({origin})")
         return EXIT_OK
     if args.command == "snapshot":
-        return _snapshot(args.url or f"http://{settings.host}:{settings.port}")
+        return _snapshot(args, settings)
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "wal":
         if args.wal_command == "check":
@@ -106,6 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    try:
+        check_settings(settings)  # protected mode; credential and certificate files load
+    except ConfigError as exc:
+        log.critical("cannot start", extra={"error": str(exc)})
+        print(f"kvservice: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     log.info("starting", extra={"version": __version__, **_summary(settings)})
     try:
         lock = lock_data_dir(settings.data_dir)
@@ -144,10 +153,17 @@ def _serve(settings: Settings) -> int:
     return EXIT_OK
 
 
-def _snapshot(url: str) -> int:
-    with AdminClientSync(url, timeout_ms=600_000) as admin:
+def _snapshot(args: argparse.Namespace, settings: Settings) -> int:
+    scheme = "https" if settings.tls_cert_file or settings.tls_ca_file else "http"
+    url = args.url or f"{scheme}://{settings.host}:{settings.port}"
+    try:
+        remote = remote_transport(settings, args.token_file)
+    except ConfigError as exc:
+        print(f"kvservice: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    with AdminClientSync(url, timeout_ms=600_000, http_client=remote.http_client) as admin:
         try:
-            reply = admin.snapshot(SnapshotRequest())
+            reply = admin.snapshot(SnapshotRequest(), headers=remote.headers)
         except ConnectError as exc:
             print(f"kvservice: snapshot failed: {exc.code.value}: {exc.message}", file=sys.stderr)
             return EXIT_ERROR

@@ -14,6 +14,7 @@ from kvservice.app import create_app
 from kvservice.config import Settings
 from kvservice.metrics import Metrics
 from kvservice.node import Node
+from kvservice.security import harden
 from kvservice.storage.recovery import Recovery
 
 log = logging.getLogger("kvservice.server")
@@ -65,6 +66,7 @@ def serve(settings: Settings, recovery: Recovery) -> None:
         server_header=False,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
     )
+    harden(config, settings)  # TLS, slow-client limits, SIGHUP reload
     try:
         Server(config, on_first_signal=node.begin_drain).run()
     except SystemExit as exc:

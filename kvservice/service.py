@@ -14,7 +14,14 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from kvservice.errors import InvalidArgument, KVError, ResourceExhausted, Unavailable
+from kvservice.errors import (
+    InvalidArgument,
+    KVError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
 from kvservice.node import Node
 from kvservice.v1.admin_pb2 import SnapshotRequest, SnapshotResponse
 from kvservice.v1.kv_pb2 import (
@@ -35,6 +42,8 @@ CODES: dict[type[KVError], Code] = {
     InvalidArgument: Code.INVALID_ARGUMENT,
     ResourceExhausted: Code.RESOURCE_EXHAUSTED,
     Unavailable: Code.UNAVAILABLE,
+    Unauthenticated: Code.UNAUTHENTICATED,
+    PermissionDenied: Code.PERMISSION_DENIED,
 }
 
 
