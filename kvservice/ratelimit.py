@@ -97,8 +97,8 @@ class RateLimiter:
             return 0.0
         tokens = min(limit.burst, bucket[0] + (now - bucket[1]) * limit.rate)
         bucket[1] = now
-        if tokens >= 1.0:
-            bucket[0] = tokens - 1.0
+        if tokens > 0.999_999:  # float error must not refuse a token that is due
+            bucket[0] = max(0.0, tokens - 1.0)
             return 0.0
         bucket[0] = tokens
         return (1.0 - tokens) / limit.rate
