@@ -120,7 +120,8 @@ def test_a_flooding_identity_is_limited_while_another_is_served(
     """The flooder gets resource_exhausted with Retry-After; a second identity stays fast."""
     tokens = write_tokens(
         tmp_path / "tokens.yaml",
-        {"flood": {"name": "flooder", "roles": ["read"]}, "calm": {"name": "calm", "roles": ["read", "write"]},
+        {"flood": {"name": "flooder", "roles": ["read"]},
+         "calm": {"name": "calm", "roles": ["read", "write"]},
          "ops": {"name": "ops", "roles": ["read", "admin"]}},
     )  # fmt: skip
     server = make_server(
