@@ -20,7 +20,10 @@ if TYPE_CHECKING:
     from kvservice.metrics import ASGIApp, Receive, Scope, Send
     from kvservice.security import Security
 
-_STATUS = {"unauthenticated": 401, "permission_denied": 403, "resource_exhausted": 429}
+_STATUS = {
+    "unauthenticated": 401, "permission_denied": 403, "resource_exhausted": 429,
+    "unimplemented": 415,
+}  # fmt: skip
 
 
 class SecurityMiddleware:
@@ -140,6 +143,30 @@ class SecurityMiddleware:
             )
             await _error(send, "permission_denied", message)
             return
+        await self.app(scope, receive, send)
+
+
+class GrpcGuard:
+    """Answers the gRPC protocol (HTTP/2 trailers, which uvicorn cannot send) with a clear
+    415 instead of connect-python's 500; Connect and gRPC-Web are unaffected."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-type":
+                    if value.startswith(b"application/grpc") and not value.startswith(
+                        b"application/grpc-web"
+                    ):
+                        await _error(
+                            send, "unimplemented",
+                            "the gRPC protocol needs HTTP/2 trailers, which this server does"
+                            " not send; use the Connect protocol or gRPC-Web",
+                        )  # fmt: skip
+                        return
+                    break
         await self.app(scope, receive, send)
 
 

@@ -23,7 +23,7 @@ from kvservice.auth import Principal, TokenTable, bearer_token
 from kvservice.config import ConfigError, Settings
 from kvservice.errors import Unauthenticated
 from kvservice.jwt_auth import JwtVerifier, looks_like_jwt
-from kvservice.middleware import SecurityMiddleware
+from kvservice.middleware import GrpcGuard, SecurityMiddleware
 from kvservice.ratelimit import ConcurrencyLimit, RateLimiter, parse_role_limits
 
 log = logging.getLogger("kvservice.security")
@@ -52,7 +52,8 @@ class Security:
         return bool(self.auth_on or self.limiter or self.concurrency or self.metrics_auth)
 
     def middleware(self) -> list[Middleware]:
-        return [Middleware(SecurityMiddleware, security=self)] if self.active else []
+        guard = [Middleware(GrpcGuard)]
+        return [*guard, Middleware(SecurityMiddleware, security=self)] if self.active else guard
 
     def interceptors(self) -> list[AccessInterceptor]:
         return [AccessInterceptor(self.stats)] if self.auth_on else []
