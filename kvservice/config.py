@@ -97,8 +97,8 @@ class Settings(BaseSettings):
     jwt_default_roles: str = Field(
         "read,write", description="roles of a JWT without the roles claim, comma-separated"
     )
-    jwt_shared_prefixes: str = Field(
-        "", description="extra prefixes for JWT holders: prefix=role+role, comma-separated"
+    jwt_shared_prefixes: str | None = Field(
+        None, description="extra prefixes for JWT holders: prefix=role+role, comma-separated"
     )
     jwt_leeway_seconds: float = Field(
         30.0, ge=0, le=3600, description="clock skew allowed on exp and nbf"
@@ -110,8 +110,8 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(
         0, ge=0, description="token bucket size per identity; 0 = rate_limit_rps rounded up"
     )
-    rate_limit_roles: str = Field(
-        "", description="per-role overrides: role=rps[:burst], comma-separated; rps 0 = no limit"
+    rate_limit_roles: str | None = Field(
+        None, description="per-role overrides: role=rps[:burst], comma-separated; rps 0 = no limit"
     )
     max_concurrent_requests: int = Field(
         0, ge=0, description="RPCs served at once before resource_exhausted; 0 = no limit"

@@ -52,7 +52,7 @@ class JwtVerifier:
         self.leeway = settings.jwt_leeway_seconds
         self.roles_claim = settings.jwt_roles_claim
         self.default_roles = parse_roles(settings.jwt_default_roles, "jwt_default_roles")
-        self.shared = parse_shared_prefixes(settings.jwt_shared_prefixes)
+        self.shared = parse_shared_prefixes(settings.jwt_shared_prefixes or "")
         self.template = settings.jwt_prefix_template
         if self.template and self.template.count("{sub}") != 1:
             raise ConfigError("jwt_prefix_template must contain {sub} once, e.g. user:{sub}:")

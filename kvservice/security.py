@@ -40,7 +40,7 @@ class Security:
         self.tokens = TokenTable.load(settings.tokens_file) if settings.tokens_file else None
         jwt_on = bool(settings.jwt_hs256_secret_file or settings.jwt_jwks_file)
         self.jwt = JwtVerifier(settings) if jwt_on else None
-        role_limits = parse_role_limits(settings.rate_limit_roles)
+        role_limits = parse_role_limits(settings.rate_limit_roles or "")
         limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst, role_limits)
         self.limiter = limiter if limiter.enabled else None
         limit = settings.max_concurrent_requests

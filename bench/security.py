@@ -1,0 +1,177 @@
+"""Get and Set throughput with security on, each against the plain node in the same run.
+
+    python -m bench.security [--seconds 3] [--rounds 3] [--connections 64]
+
+Five nodes run side by side (plain, static tokens, JWT, rate limiting with a
+limit never reached, TLS); every round runs each case once, alternating, and
+the table shows medians and the ratio to the plain node of the same round
+set. wrk sends the credential in an Authorization header. Sets run at
+fsync=no so the figure is the CPU cost of security, not of the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+import yaml
+
+from bench import dataset
+from bench.load import RESULT_TAG, CpuWindow, _result_line
+from bench.procs import Child, free_port, http_ok, run_measured, tcp_open
+from bench.servers import REPO, Server, await_ready
+from tests.securitykit import Pki
+
+JSON = "application/json"
+KV = "/kvservice.v1.KVStore/"
+TOKEN = "bench-token-0123456789"
+SECRET = b"bench-secret-0123456789abcdef0123456789"
+
+WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+{auth}
+local f = io.open("{body_path}", "rb")
+wrk.body = f:read("*a")
+f:close()
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("{tag} %d %d %d %.0f %.0f\\n", summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass
+class Node:
+    name: str
+    server: Server
+    scheme: str
+    token: str | None
+
+    def url(self, path: str) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.server.port}{path}"
+
+
+def start(work: Path, name: str, extra: list[str], token: str | None, tls: bool) -> Node:
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "kvservice", "serve", "--host", "127.0.0.1", "--port", str(port),
+        "--data-dir", str(work / name), "--fsync", "no", "--log-level", "warning", *extra,
+    ]  # fmt: skip
+    child = Child(name, argv, work / f"{name}.log", cwd=REPO)
+    server = Server(name, child.start(), port)
+    if tls:
+        await_ready(server, "listening", lambda: tcp_open(port))
+    else:
+        await_ready(server, "/readyz 200", lambda: http_ok(server.url("/readyz")))
+    return Node(name, server, "https" if tls else "http", token)
+
+
+def nodes(work: Path) -> list[Node]:
+    tokens = work / "tokens.yaml"
+    entries = [
+        {"name": f"client-{i}", "sha256": hashlib.sha256(f"other-{i}".encode()).hexdigest(),
+         "roles": ["read", "write"]}
+        for i in range(9)
+    ]  # fmt: skip
+    entries.append(
+        {"name": "bench", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
+         "roles": ["read", "write"], "prefixes": ["user:"]}
+    )  # fmt: skip
+    tokens.write_text(yaml.safe_dump({"tokens": entries}))
+    secret = work / "jwt.secret"
+    secret.write_bytes(SECRET)
+    sub = dataset.HOT_KEY.split(":")[1]  # the hot key is user:<sub>:session
+    claims = {"sub": sub, "aud": "kvservice", "exp": int(time.time()) + 3600}
+    jwt_token = jwt.encode(claims, SECRET, algorithm="HS256")
+    (work / "pki").mkdir()
+    pki = Pki.make(work / "pki")
+    cert, key = pki.issue("server", server=True)
+    auth = ["--auth", "token"]
+    return [
+        start(work, "plain", [], None, tls=False),
+        start(work, "tokens", [*auth, "--tokens-file", str(tokens)], TOKEN, tls=False),
+        start(
+            work,
+            "jwt",
+            [*auth, "--jwt-hs256-secret-file", str(secret), "--jwt-audience", "kvservice"],
+            jwt_token,
+            tls=False,
+        ),
+        start(
+            work,
+            "ratelimit",
+            ["--rate-limit-rps", "1000000", "--rate-limit-burst", "1000000"],
+            None,
+            tls=False,
+        ),
+        start(
+            work, "tls", ["--tls-cert-file", str(cert), "--tls-key-file", str(key)], None, tls=True
+        ),
+    ]
+
+
+def run_case(
+    node: Node, op: str, work: Path, seconds: int, connections: int
+) -> tuple[float, float]:
+    body = work / f"{op}.body"
+    body.write_bytes(dataset.kv_body(op, "json"))
+    auth = f'wrk.headers["Authorization"] = "Bearer {node.token}"' if node.token else ""
+    script = work / f"{node.name}-{op}.lua"
+    script.write_text(WRK_SCRIPT.format(auth=auth, body_path=body, tag=RESULT_TAG))
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
+            "-s", str(script), node.url(KV + op)]  # fmt: skip
+    with CpuWindow(node.server.pid) as cpu:
+        done = run_measured(argv, timeout=seconds + 30)
+    fields = _result_line(done)
+    if fields["errors"]:
+        raise SystemExit(f"{node.name} {op}: {fields['errors']:.0f} non-2xx replies: check setup")
+    _, _, other = cpu.cores(done)
+    return fields["requests"] / (fields["duration_us"] / 1e6), other
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-security-") as tmp:
+        work = Path(tmp)
+        running = nodes(work)
+        try:
+            for node in running:  # the hot key exists for Get; one request warms each node
+                run_case(node, "Set", work, 1, 4)
+            results: dict[tuple[str, str], list[float]] = {}
+            others: list[float] = []
+            for _ in range(args.rounds):
+                for op in ("Get", "Set"):
+                    for node in running:
+                        rps, other = run_case(node, op, work, args.seconds, args.connections)
+                        results.setdefault((node.name, op), []).append(rps)
+                        others.append(other)
+        finally:
+            for node in running:
+                node.server.stop()
+    print("| case | Get req/s | x plain | Set req/s (fsync=no) | x plain |")
+    print("|---|---|---|---|---|")
+    plain = {op: statistics.median(results[("plain", op)]) for op in ("Get", "Set")}
+    for node in running:
+        get = statistics.median(results[(node.name, "Get")])
+        put = statistics.median(results[(node.name, "Set")])
+        print(f"| {node.name} | {get:,.0f} | {get / plain['Get']:.2f} | {put:,.0f} |"
+              f" {put / plain['Set']:.2f} |")  # fmt: skip
+    print(f"\nother CPU (cores, median over all runs): {statistics.median(others):.2f}")
+
+
+if __name__ == "__main__":
+    main()
