@@ -32,6 +32,7 @@ class SecurityMiddleware:
     def __init__(self, app: ASGIApp, security: Security) -> None:
         self.app = app
         self.security = security
+        self._anonymous: dict[str, Principal] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,11 +73,13 @@ class SecurityMiddleware:
                 retry_after=1.0,
             )  # fmt: skip
             return
-        token = CALLER.set(Caller(principal, host))
+        # Only the key check (auth on) reads the caller: skip the context var otherwise.
+        token = CALLER.set(Caller(principal, host)) if sec.auth_on else None
         try:
             await self.app(scope, receive, send)
         finally:
-            CALLER.reset(token)
+            if token is not None:
+                CALLER.reset(token)
             if concurrency is not None:
                 concurrency.leave()
 
@@ -85,7 +88,12 @@ class SecurityMiddleware:
     ) -> tuple[Principal, str] | None:
         """The caller and its rate-limit identity, or None when refused (reply sent)."""
         if not self.security.auth_on:
-            return anonymous(host), host
+            principal = self._anonymous.get(host)
+            if principal is None:
+                if len(self._anonymous) >= 10_000:
+                    self._anonymous.clear()
+                principal = self._anonymous[host] = anonymous(host)
+            return principal, host
         method = scope["path"][1:]
         principal = await self._authenticate(scope, send, method, host)
         if principal is None:
