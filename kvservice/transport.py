@@ -75,26 +75,31 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
             if self._discarding:
                 return
         super().data_received(data)
-        if self._in_headers and not self.transport.is_closing():
+        if self.transport.is_closing() or self._lingering:
+            return
+        if self._in_headers:
             self._header_bytes += len(data)
             if self._header_bytes > self.max_header_bytes:
                 limit = self.max_header_bytes
                 message = f"request headers exceed max_header_bytes ({limit})"
                 self._refuse(431, "Request Header Fields Too Large", message)
+            elif self._deadline is None:
+                self._arm(self.header_timeout, self._headers_too_slow)
+        elif not self._request_complete and self._deadline is None:
+            # Timers only for requests not complete in one read: the common small
+            # request never pays for call_later and cancel.
+            self._arm(self.body_timeout, self._body_too_slow)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_headers = True
         self._request_complete = False
         self._header_bytes = 0
-        if self._deadline is None:
-            self._arm(self.header_timeout, self._headers_too_slow)
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._disarm()
         super().on_headers_complete()
-        self._arm(self.body_timeout, self._body_too_slow)
         cycle = self.cycle
         if cycle is not None and not cycle.keep_alive and self.scope["http_version"] == "1.1":
             # The client will close after our reply; we close ourselves once its
