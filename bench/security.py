@@ -108,6 +108,8 @@ def nodes(work: Path) -> list[Node]:
     auth = ["--auth", "token"]
     return [
         start(work, "plain", [], None, tls=False),
+        # A second plain node: its ratio to the first is the noise floor of the run.
+        start(work, "plain-again", [], None, tls=False),
         start(work, "tokens", [*auth, "--tokens-file", str(tokens)], TOKEN, tls=False),
         start(
             work,

@@ -152,16 +152,21 @@ class AccessInterceptor:
 
     def _check(self, request: Any, ctx: RequestContext[Any, Any]) -> None:
         caller = CALLER.get()
-        method = ctx.method()
-        name = f"{method.service_name}/{method.name}"
         if caller is None:
             # Fail closed: this interceptor only runs when authentication is on.
             raise to_connect_error(Unauthenticated("no credential"))
         principal = caller.principal
         if principal.grants is None:
             return
+        method = ctx.method()
+        name = f"{method.service_name}/{method.name}"
         role = METHOD_ROLES.get(name) or SERVICE_ROLES.get(method.service_name, "admin")
-        for key, is_prefix in keys_of(request, key_plan(request.DESCRIPTOR)):
+        plan = key_plan(request.DESCRIPTOR)
+        if len(plan) == 1 and plan[0].kind == "key" and not plan[0].repeated:
+            keys: Any = ((getattr(request, plan[0].name), False),)  # Get, Set, Delete
+        else:
+            keys = keys_of(request, plan)
+        for key, is_prefix in keys:
             try:
                 principal.require_key(key, role, is_prefix=is_prefix)
             except PermissionDenied as exc:
