@@ -89,43 +89,6 @@ def test_metrics_auth_needs_admin_and_health_stays_open(tmp_path: Path, make_ser
     assert httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200
 
 
-# A cheap flooder (one keep-alive socket, prebuilt request bytes) so that the
-# flooding client itself does not eat the cores the others need.
-FLOOD = """
-import socket, sys, time
-host, port, path, token, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
-body = b'{"key":"k"}'
-request = (f"POST {path} HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json\\r\\n"
-           f"Authorization: Bearer {token}\\r\\nContent-Length: {len(body)}\\r\\n\\r\\n").encode() + body
-codes, retry_after = {}, set()
-sock = socket.create_connection((host, port))
-buf = b""
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    sock.sendall(request)
-    while b"\\r\\n\\r\\n" not in buf:
-        buf += sock.recv(65536)
-    head, _, buf = buf.partition(b"\\r\\n\\r\\n")
-    lines = head.decode().split("\\r\\n")
-    status = int(lines[0].split()[1])
-    fields = dict(line.lower().split(": ", 1) for line in lines[1:])
-    if "content-length" in fields:
-        length = int(fields["content-length"])
-        while len(buf) < length:
-            buf += sock.recv(65536)
-        buf = buf[length:]
-    else:  # chunked; our small replies never hold the terminator inside their data
-        while b"0\\r\\n\\r\\n" not in buf:
-            buf += sock.recv(65536)
-        buf = buf.partition(b"0\\r\\n\\r\\n")[2]
-    codes[status] = codes.get(status, 0) + 1
-    if "retry-after" in fields:
-        retry_after.add(fields["retry-after"])
-sock.close()
-print(codes.get(200, 0), codes.get(429, 0), ",".join(sorted(retry_after)))
-"""
-
-
 def _p99_ms(client: httpx.Client, url: str, n: int) -> float:
     samples = []
     for _ in range(n):
@@ -162,7 +125,8 @@ def test_a_flooding_identity_is_limited_while_another_is_served(
         for _ in range(3):
             unloaded = _p99_ms(calm, url, 60)
             flood = subprocess.Popen(
-                [sys.executable, "-c", FLOOD, "127.0.0.1", str(server.port), GET, "flood", "3"],
+                [sys.executable, "-m", "tests.integration.flooder", "127.0.0.1",
+                 str(server.port), GET, "flood", "3"],
                 stdout=subprocess.PIPE, text=True, cwd=REPO,
             )  # fmt: skip
             try:
