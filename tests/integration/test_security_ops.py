@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -145,3 +146,37 @@ def test_a_flooding_identity_is_limited_while_another_is_served(
                 break
     print(f"calm p99 ms (unloaded, during the flood, flooder ok/limited/retry-after): {figures}")
     assert loaded <= max(2 * unloaded, unloaded + 5), figures
+
+
+def test_concurrency_limit_refuses_with_retry_after(make_server) -> None:  # type: ignore[no-untyped-def]
+    """max_concurrent_requests: requests in flight (here: bodies still arriving) hold the
+    slots; one more is refused with resource_exhausted and Retry-After, then served again."""
+    server = make_server("--max-concurrent-requests", "2").start()
+    held = []
+    for _ in range(2):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(
+            b"POST /kvservice.v1.KVStore/Set HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        held.append(sock)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            reply = httpx.post(f"{server.url}{GET}", json={"key": "k"}, timeout=5)
+            if reply.status_code == 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert reply.status_code == 429, reply.text
+        assert reply.json()["code"] == "resource_exhausted"
+        assert reply.headers["retry-after"] == "1"
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while _get(server, None).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _get(server, None).status_code == 200
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    line = next(x for x in metrics.splitlines() if 'limited_total{reason="concurrency"}' in x)
+    assert float(line.split()[-1]) >= 1
