@@ -25,12 +25,14 @@ from kvservice.errors import (
     NotEnoughReplicas,
     NotLinked,
     NotPrimary,
+    PermissionDenied,
     ReplicasNotReached,
     ReplicationRefused,
     ResourceExhausted,
     RevisionNotReached,
     ShuttingDown,
     SnapshotFailed,
+    Unauthenticated,
     WalFailed,
 )
 from kvservice.node import Node
@@ -84,6 +86,8 @@ CODES: dict[type[KVError], Code] = {
     WalFailed: Code.UNAVAILABLE,
     ShuttingDown: Code.UNAVAILABLE,
     SnapshotFailed: Code.UNAVAILABLE,
+    Unauthenticated: Code.UNAUTHENTICATED,
+    PermissionDenied: Code.PERMISSION_DENIED,
 }
 
 

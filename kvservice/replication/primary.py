@@ -90,7 +90,11 @@ class Sender:
         self._progressed = False
         self._wake = asyncio.Event()
         self._closing = False
-        self._client = ReplicationClient(url, timeout_ms=PUSH_TIMEOUT_MS, send_compression=None)
+        self._headers = manager.peers.headers
+        self._client = ReplicationClient(
+            url, timeout_ms=PUSH_TIMEOUT_MS, send_compression=None,
+            http_client=manager.peers.http_client,
+        )  # fmt: skip
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------
@@ -302,7 +306,7 @@ class Sender:
         request = PushRequest(primary=self._info(), prev_revision=prev_revision, records=records)
         if digest is not None:
             request.digest_revision, request.digest = digest
-        reply = await self._client.push(request)
+        reply = await self._client.push(request, headers=self._headers)
         if reply.epoch > self.manager.state.epoch:
             # A newer primary exists: stop taking writes at once (fencing).
             self.manager.fence(reply.epoch, reply.primary_url)
@@ -349,6 +353,7 @@ class Sender:
                         offset=offset, data=data, done=done,
                     ),
                     timeout_ms=INSTALL_TIMEOUT_MS if done else PUSH_TIMEOUT_MS,
+                    headers=self._headers,
                 )  # fmt: skip
                 offset += len(data)
                 if reply.next_offset != offset:

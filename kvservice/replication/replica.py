@@ -334,7 +334,10 @@ class ReplicaSide:
         primary = self.configured_primary
         assert primary is not None
         quiet_after = max(3 * self.settings.repl_heartbeat_seconds, 1.0)
-        async with ReplicationClient(primary, timeout_ms=5000) as client:
+        peers = self.manager.peers
+        async with ReplicationClient(
+            primary, timeout_ms=5000, http_client=peers.http_client
+        ) as client:
             while not self._closing:
                 silent = self.last_contact is None or (
                     time.monotonic() - self.last_contact > quiet_after
@@ -345,15 +348,19 @@ class ReplicaSide:
                             AnnounceRequest(
                                 replica_url=self.settings.own_url,
                                 node_id=self.manager.state.node_id,
-                            )
+                            ),
+                            headers=peers.headers,
                         )
                         self.advertised_primary = reply.primary_url
                     except (ConnectError, OSError) as exc:
                         if self._closing:
                             return
-                        self.last_error = f"announcing to {primary} failed: {exc}"
-                        log.warning("announce failed", extra={"primary": primary,
-                                                               "error": str(exc)})  # fmt: skip
+                        what = (
+                            f"{exc.code.name.lower()}: {exc.message}"
+                            if isinstance(exc, ConnectError) else str(exc)
+                        )  # fmt: skip
+                        self.last_error = f"announcing to {primary} failed: {what}"
+                        log.warning("announce failed", extra={"primary": primary, "error": what})
                 await asyncio.sleep(1.0)
 
     # -- status -------------------------------------------------------------------------
