@@ -31,8 +31,8 @@ from kvservice.storage.recovery import recover
 from kvservice.storage.snapshot import load_snapshot
 from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import (
-    BackupChunk,
     BackupRequest,
+    BackupResponse,
     FailoverRequest,
     PromoteRequest,
     ReplicaOfRequest,
@@ -268,7 +268,7 @@ def _backup(args: argparse.Namespace, remote: Remote) -> int:
     out: Path = args.out
     tmp = out.with_name(out.name + ".tmp")
     digest = hashlib.sha256()
-    last = BackupChunk()
+    last = BackupResponse()
     try:
         with (
             AdminClientSync(

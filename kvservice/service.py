@@ -39,8 +39,8 @@ from kvservice.node import Node
 from kvservice.replication.manager import ReplicationManager
 from kvservice.storage.backup import backup_stream
 from kvservice.v1.admin_pb2 import (
-    BackupChunk,
     BackupRequest,
+    BackupResponse,
     DigestRequest,
     DigestResponse,
     FailoverRequest,
@@ -221,7 +221,7 @@ class AdminService:
 
     async def backup(
         self, request: BackupRequest, ctx: RequestContext[Any, Any]
-    ) -> AsyncIterator[BackupChunk]:
+    ) -> AsyncIterator[BackupResponse]:
         """A snapshot taken now, streamed in bounded chunks, then its SHA-256."""
         try:
             info = await self.node.snapshot()
@@ -234,8 +234,8 @@ class AdminService:
         while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
             digest.update(chunk)
             size += len(chunk)
-            yield BackupChunk(data=chunk)
-        yield BackupChunk(revision=info.revision, sha256=digest.hexdigest(), size=size)
+            yield BackupResponse(data=chunk)
+        yield BackupResponse(revision=info.revision, sha256=digest.hexdigest(), size=size)
 
     @connect_errors
     async def digest(self, request: DigestRequest, ctx: RequestContext[Any, Any]) -> DigestResponse:
