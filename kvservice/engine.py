@@ -9,10 +9,11 @@ The digest is an order-independent fingerprint of the whole state: the XOR
 of a 64-bit XXH3 hash of each key with its stored bytes (revision and value).
 XXH3 rather than a cryptographic hash: it guards against damage, not an
 adversary, and costs ~0.2 µs a call where BLAKE2b costs ~1.7 µs (measured
-here), which kept the digest under 3 % of a Set. A write changes it in O(1) (XOR out the old pair, XOR in the new), so
-two nodes at the same revision hold the same state exactly when their digests
-agree (up to a 2^-64 chance). Replication compares it between primary and
-replica; snapshots store it so loading one needs no pass over the keys.
+here), which keeps the digest a small share of a Set. A write changes it in
+O(1) (XOR out the old pair, XOR in the new), so two nodes at the same
+revision hold the same state exactly when their digests agree (up to a 2^-64
+chance). Replication compares it between primary and replica; snapshots store
+it so loading one needs no pass over the keys.
 """
 
 from __future__ import annotations
