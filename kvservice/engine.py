@@ -34,7 +34,13 @@ DELETE: Final = LogEntry.OPERATION_DELETE
 
 def pair_hash(key: str, stored: bytes) -> int:
     """The digest term of one key and its stored bytes."""
-    return int(xxh3_64_intdigest(key.encode() + b"\0" + stored))
+    return _term(key.encode(), stored)
+
+
+def _term(key: bytes, stored: bytes) -> int:
+    # (The hot path: the key is encoded once per write, and no int() wrapper.)
+    term: int = xxh3_64_intdigest(key + b"\0" + stored)
+    return term
 
 
 def digest_of(items: Iterable[tuple[str, bytes]]) -> int:
@@ -80,18 +86,19 @@ class Store:
         if revision != self.revision + 1:
             raise RevisionGap(f"expected revision {self.revision + 1}, got {revision}")
         key = entry.key
+        key_bytes = key.encode()
         if entry.operation == SET:
             stored = REVISION.pack(revision) + entry.value
             old = self.data.get(key)
             self.data[key] = stored
-            change = pair_hash(key, stored)
+            change = _term(key_bytes, stored)
         elif entry.operation == DELETE:
             old = self.data.pop(key, None)
             change = 0
         else:
             raise ValueError(f"unknown log operation {entry.operation} at revision {revision}")
         if old is not None:
-            change ^= pair_hash(key, old)
+            change ^= _term(key_bytes, old)
         self.digest ^= change
         self.revision = revision
 
