@@ -20,7 +20,7 @@ from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import ReplicationStatusRequest, ReplicationStatusResponse
 from kvservice.v1.kv_connect import KVStoreClientSync
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
-from tests.integration.conftest import ServerProcess, run_cli
+from tests.integration.conftest import ServerProcess, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 FAST = ("--repl-heartbeat-seconds", "0.2", "--repl-retry-max-seconds", "0.5")
@@ -29,15 +29,6 @@ FAST = ("--repl-heartbeat-seconds", "0.2", "--repl-retry-max-seconds", "0.5")
 def status(node: ServerProcess) -> ReplicationStatusResponse:
     with AdminClientSync(node.url, timeout_ms=5000) as admin:
         return admin.replication_status(ReplicationStatusRequest())
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def replica(make_server, tmp_path: Path, name: str, primary: str, *extra: str) -> ServerProcess:  # type: ignore[no-untyped-def]
