@@ -56,7 +56,7 @@ def test_replication_needs_a_replication_credential(make_server, tmp_path: Path)
     replica = make_server(*secured, "--role", "replica", data_dir=tmp_path / "r",
                           port=replica.port).start()  # fmt: skip
     wait_for(
-        "the expected state",
+        "the pushes refused",
         lambda: "unauthenticated" in status(primary.url).replicas[0].last_error,
     )
     assert status(replica.url).revision == 0
