@@ -1,0 +1,670 @@
+"""Asynchronous primary -> replica replication (issue 8) against real processes on
+loopback: convergence under load, partial resync after link faults and restarts, full
+resync when the backlog ran out, read-only replicas, min_revision reads, duplicate and
+reordered batches, and a replica pointed at another history.
+
+Every replica sits behind a FaultProxy; the primary reaches it only through it.
+Resync counts are deltas from the moment a scenario's fault starts, so how a node's
+first attach is counted does not matter.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from bench.dataset import build_snapshot_dir
+from bench.dataset import key as dataset_key
+from kvservice.storage.segments import list_segments, segment_revision
+from kvservice.v1.admin_connect import AdminClientSync
+from kvservice.v1.admin_pb2 import SnapshotRequest
+from kvservice.v1.kv_pb2 import DeleteRequest, GetRequest, SetRequest
+from kvservice.v1.replication_pb2 import PushRequest, PushResponse, PushResult
+from tests.faults.workload import Burst, check_revisions, populate, verify_recovered
+from tests.integration.cluster import (
+    SMALL_BACKLOG,
+    Cluster,
+    Node,
+    assert_consecutive,
+    assert_converged,
+    assert_same_store,
+    replica_status,
+    resyncs,
+    retries,
+    stored,
+    wait_caught_up,
+    wait_for,
+    wait_streaming,
+    wal_revisions,
+)
+from tests.integration.conftest import run_cli
+
+pytestmark = pytest.mark.integration
+
+PUSH_PATH = "/kvservice.v1.Replication/Push"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    nodes = Cluster(tmp_path)
+    try:
+        yield nodes
+    finally:
+        # Shown by pytest only when the test failed.
+        print(nodes.logs())
+        nodes.close()
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def burst(node: Node, prefix: str, *, clients: int = 16, max_ops: int = 100_000) -> Burst:
+    """A 16-client write load on `node` (workload.Burst), started."""
+    return Burst(node.url, prefix, clients=clients, max_ops=max_ops,
+                 seed=random.randrange(1 << 20)).start()  # fmt: skip
+
+
+def finish(load: Burst, *, seconds: float = 0.0, timeout: float = 30.0) -> None:
+    """Let the load run `seconds` more (or until every writer is done), then stop it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(t.is_alive() for t in load.threads):
+        time.sleep(0.02)
+    load.stop_event.set()
+    load.join(timeout)
+
+
+def burst_keys(*loads: Burst) -> set[str]:
+    """Every key the loads' writers may have touched."""
+    return {w.key(i) for load in loads for w in load.writers for i in range(w.keys)}
+
+
+def ack_more(load: Burst, count: int, timeout: float = 30.0) -> None:
+    """Wait until `count` more writes than now were acknowledged."""
+    load.wait_for_acks(load.acked_count() + count, timeout)
+
+
+def full_and_partial(primary: Node, replica: Node) -> tuple[float, float]:
+    return resyncs(primary, replica, "full"), resyncs(primary, replica, "partial")
+
+
+def connect_error(call: object) -> ConnectError:
+    """The ConnectError a zero-argument callable raises (fails when it raises none)."""
+    assert callable(call)
+    with pytest.raises(ConnectError) as caught:
+        call()
+    return caught.value
+
+
+# -- 1. convergence -----------------------------------------------------------------------
+
+
+def test_primary_and_two_replicas_converge_under_16_client_load(cluster: Cluster) -> None:
+    """After a 16-client load stops, both replicas answer every key like the primary."""
+    primary = cluster.add_primary()
+    replicas = [cluster.add_replica(primary), cluster.add_replica(primary)]
+    for replica in replicas:
+        wait_streaming(primary, replica)
+
+    load = burst(primary, "conv", max_ops=150)
+    finish(load, seconds=30)
+    assert not load.errors(), load.errors()
+    assert load.acked_count() == 16 * 150
+    check_revisions(load.acks())
+
+    revision = wait_caught_up(primary, replicas)
+    assert_converged(primary, replicas, burst_keys(load))
+    for node in (primary, *replicas):
+        # The primary's acknowledged history, on every node.
+        verify_recovered(node.url, load.writers)
+
+    status = primary.status()
+    assert status.role == "primary"
+    assert status.revision == revision
+    assert status.durable_revision == revision
+    assert sorted(r.url for r in status.replicas) == sorted(r.advertise_url for r in replicas)
+    for replica in replicas:
+        entry = replica_status(primary, replica)
+        assert entry.state == "streaming"
+        assert entry.acked_revision == revision
+        assert entry.lag_revisions == 0
+        url = replica.advertise_url
+        assert primary.metric("kvservice_replica_connected", replica=url) == 1
+        assert primary.metric("kvservice_replica_lag_revisions", replica=url) == 0
+    assert primary.metric("kvservice_replication_role", role="primary") == 1
+
+    for replica in replicas:
+        mine = replica.status()
+        assert mine.role == "replica"
+        assert mine.replication_id == status.replication_id
+        assert mine.epoch == status.epoch
+        assert mine.node_id != status.node_id
+        assert mine.advertise_url == replica.advertise_url
+        assert mine.link.state == "streaming"
+        assert mine.link.primary_url == primary.url
+        assert replica.metric("kvservice_replication_applied_revision") == revision
+        assert replica.metric("kvservice_replication_role", role="replica") == 1
+        assert replica.ready()[0] == 200
+
+    # `kvservice status` prints the same message as JSON.
+    shown = run_cli("status", "--url", replicas[0].url, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    printed = json.loads(shown.stdout)
+    assert printed["role"] == "replica"
+    assert int(printed["revision"]) == revision
+
+
+# -- 2. link faults -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["cut", "blackhole"])
+def test_link_fault_under_load_heals_by_partial_resync(cluster: Cluster, fault: str) -> None:
+    """Dropped (RST) or black-holed link to one replica: the primary keeps taking writes,
+    the other replica keeps up, and the link heals with partial resyncs only."""
+    primary = cluster.add_primary()
+    faulty, healthy = cluster.add_replica(primary), cluster.add_replica(primary)
+    for replica in (faulty, healthy):
+        wait_streaming(primary, replica)
+    assert faulty.proxy is not None
+    full_before, partial_before = full_and_partial(primary, faulty)
+    healthy_full_before = resyncs(primary, healthy, "full")
+    retries_before = retries(primary, faulty)
+
+    load = burst(primary, fault)
+    load.wait_for_acks(300)
+    if fault == "cut":
+        faulty.proxy.cut()
+        ack_more(load, 300)
+        wait_for(
+            lambda: retries(primary, faulty) > retries_before,
+            timeout=15, what="the primary to count a retry on the cut link",
+        )  # fmt: skip
+    else:
+        faulty.proxy.blackhole()
+        started = time.monotonic()
+        wait_for(
+            lambda: retries(primary, faulty) > retries_before
+            or replica_status(primary, faulty).state != "streaming",
+            timeout=30, what="the primary to time out on the black-holed link",
+        )  # fmt: skip
+        print(f"primary noticed the black hole after {time.monotonic() - started:.1f}s")
+    # Meanwhile the other replica keeps up with the primary.
+    mark = primary.status().revision
+    wait_for(
+        lambda: healthy.status().revision >= mark,
+        timeout=10, what="the healthy replica to keep up during the fault",
+    )  # fmt: skip
+    faulty.proxy.heal()
+    ack_more(load, 300)
+    finish(load, seconds=0.5)
+    assert not load.errors(), f"writes failed during the fault:\n{load.errors()}"
+
+    assert_converged(primary, [faulty, healthy], burst_keys(load))
+    full, partial = full_and_partial(primary, faulty)
+    assert full - full_before == 0, f"{full - full_before} full resyncs after a {fault}"
+    assert partial - partial_before >= 1, "the link healed without a partial resync"
+    assert replica_status(primary, faulty).state == "streaming"
+    assert resyncs(primary, healthy, "full") == healthy_full_before
+
+
+# -- 3. replica crash ---------------------------------------------------------------------
+
+
+def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) -> None:
+    """SIGKILL a replica under load and restart it: it keeps what it acknowledged, resumes
+    with a partial resync, and its WAL holds every revision exactly once."""
+    primary = cluster.add_primary()
+    replica = cluster.add_replica(primary)
+    wait_streaming(primary, replica)
+    full_before, partial_before = full_and_partial(primary, replica)
+
+    load = burst(primary, "crash")
+    load.wait_for_acks(500)
+    acked = replica_status(primary, replica).acked_revision
+    assert acked > 0, "nothing was acknowledged before the kill"
+    replica.kill()
+    ack_more(load, 500)  # the primary does not wait for a dead replica
+    replica.start()
+    assert replica.status().revision >= acked, "the replica lost revisions it acknowledged"
+    ack_more(load, 500)
+    finish(load, seconds=0.5)
+    assert not load.errors(), load.errors()
+
+    assert_converged(primary, [replica], burst_keys(load))
+    full, partial = full_and_partial(primary, replica)
+    assert full - full_before == 0, "a restarted replica was fully resynced"
+    assert partial - partial_before >= 1
+    assert replica_status(primary, replica).state == "streaming"
+
+    replica.stop()
+    primary.stop()
+    revisions = wal_revisions(replica.data_dir)
+    assert_consecutive(revisions, "replica")
+    assert_same_store(primary.data_dir, replica.data_dir)
+
+
+# -- 4. primary restart -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_primary_restart_replicas_resume_by_partial_resync(cluster: Cluster, how: str) -> None:
+    """Primary stopped (SIGTERM) or killed (SIGKILL) under load and restarted on its data
+    dir and port: same history, replicas resume with partial resyncs and converge."""
+    primary = cluster.add_primary()
+    replicas = [cluster.add_replica(primary), cluster.add_replica(primary)]
+    for replica in replicas:
+        wait_streaming(primary, replica)
+    before = primary.status()
+
+    first = burst(primary, "before")
+    first.wait_for_acks(500)
+    if how == "sigkill":
+        primary.kill()
+    else:
+        primary.stop()
+    first.join(30)  # every writer stops at its first failed request
+    primary.start()
+
+    after = primary.status()
+    assert (after.replication_id, after.epoch) == (before.replication_id, before.epoch)
+    for replica in replicas:
+        wait_streaming(primary, replica)
+    second = burst(primary, "after", max_ops=50)
+    finish(second, seconds=30)
+    assert not second.errors(), second.errors()
+
+    assert_converged(primary, replicas, burst_keys(first, second))
+    for node in (primary, *replicas):
+        verify_recovered(node.url, first.writers)
+        verify_recovered(node.url, second.writers)
+    for replica in replicas:
+        full, partial = full_and_partial(primary, replica)
+        assert full == 0, f"{replica.name}: {full} full resyncs after a primary {how}"
+        assert partial >= 1, f"{replica.name}: no partial resync after a primary {how}"
+        entry = replica_status(primary, replica)
+        assert (entry.full_resyncs, entry.state) == (0, "streaming")
+
+
+# -- 5. backlog exhausted -----------------------------------------------------------------
+
+
+def test_backlog_exhausted_one_full_resync_and_old_data_served_throughout(
+    cluster: Cluster,
+) -> None:
+    """A replica away while snapshots purged the WAL it needs gets exactly one full resync,
+    serving its old data (never an error, never a missing key) until the switch."""
+    primary = cluster.add_primary("primary", *SMALL_BACKLOG)
+    replica = cluster.add_replica(primary)
+    wait_streaming(primary, replica)
+    kept = populate(primary.server, 200, prefix="kept/")
+    gone = populate(primary.server, 50, prefix="gone/")
+    assert_converged(primary, [replica], [*kept, *gone])
+    away_at = replica.status().revision
+    full_before = resyncs(primary, replica, "full")
+    replica.stop()
+
+    # Every value each key has had: what the replica may answer during the resync.
+    allowed: dict[str, set[bytes | None]] = {k: {v} for k, (v, _) in {**kept, **gone}.items()}
+    with primary.client() as client:
+        for key in gone:
+            client.delete(DeleteRequest(key=key))
+            allowed[key].add(None)
+        for round_ in range(10):
+            for i in range(300):
+                key = f"kept/{i % 200:04d}"
+                value = f"round{round_}-{i}-".encode() * 4
+                client.set(SetRequest(key=key, value=value))
+                allowed[key].add(value)
+            with AdminClientSync(primary.url, timeout_ms=30_000) as admin:
+                admin.snapshot(SnapshotRequest())
+            oldest = segment_revision(list_segments(primary.data_dir / "wal")[0])
+            if oldest > away_at + 1:
+                break
+        else:
+            pytest.fail(f"the WAL still reaches revision {away_at + 1}: {oldest}")
+
+    problems: list[str] = []
+    reads = 0
+    done = threading.Event()
+
+    def read_old_data() -> None:
+        nonlocal reads
+        keys = sorted(allowed)
+        with replica.client(timeout_ms=5_000) as client:
+            while not done.is_set():
+                for key in keys:
+                    try:
+                        got = client.get(GetRequest(key=key))
+                    except ConnectError as exc:
+                        problems.append(f"Get {key}: {exc.code} {exc.message}")
+                        continue
+                    reads += 1
+                    value = got.value if got.found else None
+                    if value not in allowed[key]:
+                        problems.append(f"Get {key}: {value!r}")
+
+    # Writes go on during the resync: the entries after the snapshot follow it.
+    meanwhile = burst(primary, "meanwhile", clients=2, max_ops=300)
+    replica.start()
+    reader = threading.Thread(target=read_old_data, daemon=True)
+    reader.start()
+    try:
+        wait_streaming(primary, replica, timeout=60)
+        finish(meanwhile, seconds=30)
+    finally:
+        done.set()
+        reader.join(30)
+    assert not problems, f"{len(problems)} bad reads on the replica: {problems[:10]}"
+    assert reads > 0
+    assert not meanwhile.errors(), meanwhile.errors()
+
+    assert_converged(primary, [replica], [*allowed, *burst_keys(meanwhile)])
+    full = resyncs(primary, replica, "full")
+    assert full - full_before == 1, f"{full - full_before} full resyncs, expected exactly 1"
+    entry = replica_status(primary, replica)
+    assert entry.state == "streaming"
+    assert entry.full_resyncs == full
+    assert all(g is None for g in replica.states(gone).values()), "deleted keys survived"
+
+
+# -- 6. big full resync -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_full_resync_of_200k_keys_under_write_load_completes_in_one_attempt(
+    cluster: Cluster,
+) -> None:
+    """A new replica of a 200k-key primary, while 16 clients keep writing, is fully
+    resynced exactly once and ends up equal to the primary."""
+    keys = 200_000
+    primary = cluster.add_primary("primary", start=False)
+    build_snapshot_dir(primary.data_dir, keys)
+    primary.start()
+    load = burst(primary, "big")
+    load.wait_for_acks(200)
+
+    started = time.monotonic()
+    replica = cluster.add_replica(primary)
+    not_ready: list[dict[str, object]] = []
+
+    def streaming() -> bool:
+        code, body = replica.ready()
+        if code == 503:
+            not_ready.append(body)
+        entry = replica_status(primary, replica)
+        return entry is not None and entry.state == "streaming"
+
+    wait_for(streaming, timeout=90, what="the 200k-key full resync", interval=0.2)
+    elapsed = time.monotonic() - started
+    print(f"full resync of {keys} keys under load: {elapsed:.1f}s")
+    assert not_ready, "/readyz never said 503 while the replica was not in sync"
+    assert all(b.get("ready") is False and b.get("reason") for b in not_ready), not_ready
+    ack_more(load, 200)
+    finish(load, seconds=0.5)
+    assert not load.errors(), load.errors()
+
+    wait_caught_up(primary, [replica], timeout=60)
+    assert full_and_partial(primary, replica)[0] == 1
+    assert replica_status(primary, replica).full_resyncs == 1
+    sample = {dataset_key(i) for i in random.sample(range(keys), 2000)}
+    assert_converged(primary, [replica], sample | burst_keys(load))
+    replica.stop()
+    primary.stop()
+    assert_same_store(primary.data_dir, replica.data_dir)
+
+
+# -- 7. read-only replicas and min_revision -----------------------------------------------
+
+
+def test_writes_to_a_replica_fail_with_failed_precondition_naming_the_primary(
+    cluster: Cluster,
+) -> None:
+    """Set and Delete on a replica: failed_precondition naming the primary; nothing written."""
+    primary = cluster.add_primary()
+    replica = cluster.add_replica(primary)
+    wait_streaming(primary, replica)
+    with primary.client() as client:
+        client.set(SetRequest(key="k", value=b"from-primary"))
+    wait_caught_up(primary, [replica])
+    with replica.client() as client:
+        for call in (
+            lambda: client.set(SetRequest(key="k", value=b"x")),
+            lambda: client.set(SetRequest(key="new", value=b"x")),
+            lambda: client.delete(DeleteRequest(key="k")),
+        ):
+            error = connect_error(call)
+            assert error.code == Code.FAILED_PRECONDITION, error
+            assert primary.url in error.message, error.message
+        got = client.get(GetRequest(key="k"))
+        assert (got.found, got.value) == (True, b"from-primary")
+        assert not client.get(GetRequest(key="new")).found
+    # Over Connect JSON too, as curl would send it.
+    reply = httpx.post(
+        f"{replica.url}/kvservice.v1.KVStore/Set", json={"key": "k", "value": "eA=="}, timeout=5
+    )
+    assert reply.status_code == 400
+    assert reply.json()["code"] == "failed_precondition"
+    assert primary.url in reply.json()["message"]
+    assert primary.status().revision == replica.status().revision == 1
+
+
+def test_min_revision_reads_your_writes_on_a_lagging_replica(cluster: Cluster) -> None:
+    """Get(min_revision=R) on a replica 150 ms behind answers the write made at R; a
+    revision that never comes is deadline_exceeded, at the node's cap or the client's."""
+    primary = cluster.add_primary()
+    replica = cluster.add_replica(primary, None, "--min-revision-max-wait-ms", "400")
+    wait_streaming(primary, replica)
+    assert replica.proxy is not None
+    replica.proxy.delay(0.15)
+    waited = 0
+    with primary.client() as writer, replica.client(timeout_ms=5_000) as reader:
+        for i in range(20):
+            value = f"v{i}".encode()
+            revision = writer.set(SetRequest(key="ryw", value=value)).revision
+            sent = time.monotonic()
+            got = reader.get(GetRequest(key="ryw", min_revision=revision))
+            waited += time.monotonic() - sent > 0.05
+            assert (got.found, got.value, got.revision) == (True, value, revision)
+        assert waited >= 10, f"the replica had to wait only {waited} times: no lag to read past"
+
+        far = revision + 1_000
+        sent = time.monotonic()
+        error = connect_error(lambda: reader.get(GetRequest(key="ryw", min_revision=far)))
+        took = time.monotonic() - sent
+        assert error.code == Code.DEADLINE_EXCEEDED, error
+        assert took < 3, f"min_revision_max_wait_ms=400 but the answer took {took:.1f}s"
+
+        error = connect_error(
+            lambda: reader.get(GetRequest(key="ryw", min_revision=far), timeout_ms=300)
+        )
+        assert error.code == Code.DEADLINE_EXCEEDED, error
+    # The primary has applied what it acknowledged: min_revision there never waits long.
+    with primary.client() as client:
+        assert client.get(GetRequest(key="ryw", min_revision=revision)).revision == revision
+
+
+def test_unlinked_replica_not_ready_serves_reads_and_refuses_future_revisions(
+    cluster: Cluster,
+) -> None:
+    """Primary gone: /readyz 503 with a reason, plain Gets still served, a Get for a
+    revision not yet applied is unavailable; ready again once the primary is back."""
+    primary = cluster.add_primary()
+    replica = cluster.add_replica(primary, None, "--replica-max-lag-seconds", "0.5")
+    wait_streaming(primary, replica)
+    with primary.client() as client:
+        revision = client.set(SetRequest(key="k", value=b"v")).revision
+    wait_caught_up(primary, [replica])
+    assert replica.ready()[0] == 200
+
+    primary.stop()
+    _, body = wait_for(
+        lambda: (r := replica.ready())[0] == 503 and r,
+        timeout=10, what="replica /readyz 503 after the primary stopped",
+    )  # fmt: skip
+    assert body["ready"] is False, body
+    assert body["reason"], body
+    assert replica.status().link.state == "unlinked"
+    with replica.client(timeout_ms=5_000) as client:
+        got = client.get(GetRequest(key="k"))
+        assert (got.found, got.value, got.revision) == (True, b"v", revision)
+        assert client.get(GetRequest(key="k", min_revision=revision)).value == b"v"
+        error = connect_error(lambda: client.get(GetRequest(key="k", min_revision=revision + 1)))
+        assert error.code == Code.UNAVAILABLE, error
+
+    primary.start()
+    wait_streaming(primary, replica)
+    wait_for(lambda: replica.ready()[0] == 200, timeout=10, what="replica ready again")
+
+
+# -- 8. duplicate and reordered batches ---------------------------------------------------
+
+
+def split_request(raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    """(path, headers, body) of one raw HTTP/1.1 request the proxy recorded."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(":", 1) for line in lines)
+    return (
+        request_line.split(" ")[1],
+        {k.strip().lower(): v.strip() for k, v in headers.items()},
+        body,
+    )
+
+
+def push_of(raw: bytes | None) -> PushRequest | None:
+    """The PushRequest in a recorded request, if it is an uncompressed Push."""
+    if raw is None:
+        return None
+    path, headers, body = split_request(raw)
+    if path != PUSH_PATH or headers.get("content-encoding", "identity") != "identity":
+        return None
+    return PushRequest.FromString(body)
+
+
+def resend(replica: Node, raw: bytes) -> PushResponse:
+    """Send a recorded Push again, straight to the replica (no proxy)."""
+    path, headers, body = split_request(raw)
+    keep = {k: v for k, v in headers.items() if k not in ("host", "content-length", "connection")}
+    reply = httpx.post(f"{replica.url}{path}", content=body, headers=keep, timeout=10)
+    assert reply.status_code == 200, reply.text
+    return PushResponse.FromString(reply.content)
+
+
+def test_duplicate_and_reordered_batches_change_nothing(cluster: Cluster) -> None:
+    """Pushes replayed, held back and released late, and resent long after: the replica
+    applies each entry once and ends equal to the primary."""
+    primary = cluster.add_primary()
+    replica = cluster.add_replica(primary)
+    wait_streaming(primary, replica)
+    proxy = replica.proxy
+    assert proxy is not None
+
+    load = burst(primary, "dup", clients=8)
+    load.wait_for_acks(200)
+
+    def batch() -> bytes | None:
+        raw = proxy.last_request()
+        push = push_of(raw)
+        return raw if push is not None and len(push.records) > 0 else None
+
+    old = wait_for(batch, timeout=10, what="a Push with entries through the proxy", interval=0.005)
+    replays = 0
+    for _ in range(15):  # duplicates, racing the primary's next push
+        if push_of(proxy.last_request()) is not None:
+            response = PushResponse.FromString(
+                proxy.replay_last_request().partition(b"\r\n\r\n")[2]
+            )
+            assert response.result != PushResult.PUSH_RESULT_HISTORY_MISMATCH, response
+            replays += 1
+        time.sleep(0.03)
+    assert replays > 0
+
+    for _ in range(3):  # one push held while later ones may overtake it
+        proxy.hold_next_request()
+        proxy.wait_held(timeout=5)
+        ack_more(load, 100)
+        time.sleep(0.5)
+        proxy.release_held()
+    finish(load, seconds=0.5)
+    assert not load.errors(), load.errors()
+    keys = burst_keys(load)
+    assert_converged(primary, [replica], keys)
+
+    # A stale batch and a duplicate of the newest, long after they were applied.
+    revision = replica.status().revision
+    for raw in (old, proxy.last_request()):
+        assert raw is not None
+        response = resend(replica, raw)
+        assert response.result in (
+            PushResult.PUSH_RESULT_OK, PushResult.PUSH_RESULT_POSITION_MISMATCH,
+        ), response  # fmt: skip
+        assert response.revision == revision, response
+    assert replica.status().revision == revision
+    assert_converged(primary, [replica], keys)
+
+    replica.stop()
+    primary.stop()
+    assert_consecutive(wal_revisions(replica.data_dir), "replica")
+    assert_same_store(primary.data_dir, replica.data_dir)
+
+
+# -- 9. another history -------------------------------------------------------------------
+
+
+def write(node: Node, prefix: str, count: int, tag: str) -> set[str]:
+    """Set `count` keys `<prefix><i>` to values naming `tag`; return the keys."""
+    keys = {f"{prefix}{i:04d}" for i in range(count)}
+    with node.client() as client:
+        for key in sorted(keys):
+            client.set(SetRequest(key=key, value=f"{tag}:{key}".encode()))
+    return keys
+
+
+@pytest.mark.parametrize("b_level", [150, 400, 800], ids=["b-behind", "b-level", "b-ahead"])
+def test_replica_repointed_to_unrelated_primary_ends_equal_to_it(
+    cluster: Cluster, b_level: int
+) -> None:
+    """A replica of A restarted as a replica of an unrelated B (behind, level with, or
+    ahead of it) gets B's state exactly, nothing of A's, even while A keeps pushing."""
+    a = cluster.add_primary("a")
+    b = cluster.add_primary("b")
+    replica = cluster.add_replica(a)
+    wait_streaming(a, replica)
+    # The same keys in both histories with different values; A stops at revision 400.
+    a_keys = write(a, "shared/", 200, "a") | write(a, "a-only/", 200, "a")
+    b_keys = write(b, "shared/", min(b_level, 200), "b")
+    b_keys |= write(b, "b-only/", b_level - len(b_keys), "b")
+    assert (a.status().revision, b.status().revision) == (400, b_level)
+    assert_converged(a, [replica], a_keys | b_keys)
+    assert a.status().replication_id != b.status().replication_id
+
+    replica.stop()
+    replica.primary = b
+    replica.start()
+    wait_streaming(b, replica, timeout=30)
+    # A still has the replica on its list and may keep pushing to it.
+    a_keys |= write(a, "a-later/", 50, "a")
+    b_keys |= write(b, "b-later/", 50, "b")
+    time.sleep(1)  # a few of A's heartbeats
+
+    assert_converged(b, [replica], a_keys | b_keys)
+    leftovers = {k: v for k, v in replica.states(a_keys - b_keys).items() if v is not None}
+    assert not leftovers, f"keys of A on the replica: {sorted(leftovers)[:10]}"
+    mine = replica.status()
+    assert mine.replication_id == b.status().replication_id
+    assert mine.link.primary_url == b.url
+    assert full_and_partial(b, replica) == (1, 0)
+
+    replica.stop()
+    b.stop()
+    assert_same_store(b.data_dir, replica.data_dir)
+    data, _ = stored(replica.data_dir)
+    assert not [k for k in data if k.startswith(("a-only/", "a-later/"))]
