@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from kvservice.v1.kv_connect import KVStoreClientSync
 from kvservice.v1.log_pb2 import LogEntry
 from tests.faults.proxy import FaultProxy
 from tests.faults.workload import State, read_states
-from tests.integration.conftest import ServerProcess, free_port
+from tests.integration.conftest import PortTaken, ServerProcess, free_port
 
 T = TypeVar("T")
 
@@ -82,8 +83,11 @@ class Node:
     server: ServerProcess
     role: str
     proxy: FaultProxy | None = None
-    primary: Node | None = None  # a replica's primary (the URL it was started with)
+    primary: Node | None = None  # a replica's primary
     extra: tuple[str, ...] = ()
+    # A replica that announces itself (--primary-url); otherwise only its primary's
+    # --replicas list links them.
+    announce: bool = True
 
     @property
     def url(self) -> str:
@@ -110,11 +114,22 @@ class Node:
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> Node:
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (see wait_ready)."""
         self.server.args = self._args()
-        self.server.start(timeout=timeout)
-        if self.proxy is not None:
-            # start() moves to another port if ours was taken meanwhile; follow it.
-            self.proxy.upstream = ("127.0.0.1", self.server.port)
+        self.server.start(wait=False)
+
+    def wait_ready(self, timeout: float = 30.0) -> Node:
+        try:
+            self.server.wait_ready(timeout)
+        except PortTaken:  # another process took the port between probe and bind
+            self.server.port = free_port()
+            self.server.start(timeout=timeout)
+            if self.proxy is not None:
+                self.proxy.upstream = ("127.0.0.1", self.server.port)
         return self
 
     def _args(self) -> list[str]:
@@ -123,15 +138,20 @@ class Node:
             args += PRIMARY_FLAGS
         else:
             assert self.primary is not None
-            args += [
-                "--primary-url", self.primary.url, "--advertise-url", self.advertise_url,
-                *REPLICA_FLAGS,
-            ]  # fmt: skip
+            if self.announce:
+                args += ["--primary-url", self.primary.url]
+            args += ["--advertise-url", self.advertise_url, *REPLICA_FLAGS]
         return [*args, *self.extra]
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM; the node must exit cleanly."""
-        code = self.server.stop(timeout)
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM; the node must exit cleanly within `timeout` (else it is killed)."""
+        try:
+            code = self.server.stop(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(
+                f"{self.name} still running {timeout}s after SIGTERM:\n{self.log_tail()}"
+            ) from None
         assert code == 0, f"{self.name} exited with {code}:\n{self.log_tail()}"
 
     def kill(self) -> None:
@@ -205,6 +225,26 @@ class Cluster:
         node = Node(name, server, "replica", proxy=proxy, primary=primary, extra=extra)
         self.nodes.append(node)
         return node.start() if start else node
+
+    def start(self, *nodes: Node) -> None:
+        """Start nodes side by side (each start is mostly Python imports) and wait for all."""
+        for node in nodes:
+            node.spawn()
+        for node in nodes:
+            node.wait_ready()
+
+    def primary_with_replicas(
+        self, count: int, primary_extra: tuple[str, ...] = (), replica_extra: tuple[str, ...] = ()
+    ) -> tuple[Node, list[Node]]:
+        """A primary and `count` replicas, started together, every link streaming."""
+        primary = self.add_primary("primary", *primary_extra, start=False)
+        replicas = [
+            self.add_replica(primary, None, *replica_extra, start=False) for _ in range(count)
+        ]
+        self.start(primary, *replicas)
+        for replica in replicas:
+            wait_streaming(primary, replica)
+        return primary, replicas
 
     def _server(self, name: str, data_dir: Path | None = None) -> ServerProcess:
         return ServerProcess(data_dir=data_dir or self.root / name, port=free_port())

@@ -10,11 +10,12 @@ first attach is counted does not matter.
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -96,9 +97,17 @@ def full_and_partial(primary: Node, replica: Node) -> tuple[float, float]:
     return resyncs(primary, replica, "full"), resyncs(primary, replica, "partial")
 
 
-def connect_error(call: object) -> ConnectError:
-    """The ConnectError a zero-argument callable raises (fails when it raises none)."""
-    assert callable(call)
+def write(node: Node, prefix: str, count: int, tag: str) -> set[str]:
+    """Set `count` keys `<prefix><i>` to values naming `tag`; return the keys."""
+    keys = {f"{prefix}{i:04d}" for i in range(count)}
+    with node.client() as client:
+        for key in sorted(keys):
+            client.set(SetRequest(key=key, value=f"{tag}:{key}".encode()))
+    return keys
+
+
+def connect_error(call: Callable[[], object]) -> ConnectError:
+    """The ConnectError `call` raises (fails when it raises none)."""
     with pytest.raises(ConnectError) as caught:
         call()
     return caught.value
@@ -109,10 +118,7 @@ def connect_error(call: object) -> ConnectError:
 
 def test_primary_and_two_replicas_converge_under_16_client_load(cluster: Cluster) -> None:
     """After a 16-client load stops, both replicas answer every key like the primary."""
-    primary = cluster.add_primary()
-    replicas = [cluster.add_replica(primary), cluster.add_replica(primary)]
-    for replica in replicas:
-        wait_streaming(primary, replica)
+    primary, replicas = cluster.primary_with_replicas(2)
 
     load = burst(primary, "conv", max_ops=150)
     finish(load, seconds=30)
@@ -128,6 +134,7 @@ def test_primary_and_two_replicas_converge_under_16_client_load(cluster: Cluster
 
     status = primary.status()
     assert status.role == "primary"
+    assert status.epoch == 0, "a history started in an empty data dir has epoch 0"
     assert status.revision == revision
     assert status.durable_revision == revision
     assert sorted(r.url for r in status.replicas) == sorted(r.advertise_url for r in replicas)
@@ -162,6 +169,24 @@ def test_primary_and_two_replicas_converge_under_16_client_load(cluster: Cluster
     assert int(printed["revision"]) == revision
 
 
+def test_primary_pushes_to_the_replicas_it_is_configured_with(cluster: Cluster) -> None:
+    """A replica that does not announce itself, listed in the primary's --replicas, is
+    brought up to date and learns its primary's URL from the pushes."""
+    primary = cluster.add_primary(start=False)
+    replica = cluster.add_replica(primary, start=False)
+    replica.announce = False
+    primary.extra = ("--replicas", replica.advertise_url)
+    cluster.start(primary, replica)
+    keys = write(primary, "listed/", 50, "p")
+    wait_streaming(primary, replica)
+    assert_converged(primary, [replica], keys)
+    assert replica.status().link.primary_url == primary.url
+    with replica.client() as client:
+        error = connect_error(lambda: client.set(SetRequest(key="x", value=b"x")))
+    assert error.code == Code.FAILED_PRECONDITION, error
+    assert primary.url in error.message
+
+
 # -- 2. link faults -----------------------------------------------------------------------
 
 
@@ -169,10 +194,7 @@ def test_primary_and_two_replicas_converge_under_16_client_load(cluster: Cluster
 def test_link_fault_under_load_heals_by_partial_resync(cluster: Cluster, fault: str) -> None:
     """Dropped (RST) or black-holed link to one replica: the primary keeps taking writes,
     the other replica keeps up, and the link heals with partial resyncs only."""
-    primary = cluster.add_primary()
-    faulty, healthy = cluster.add_replica(primary), cluster.add_replica(primary)
-    for replica in (faulty, healthy):
-        wait_streaming(primary, replica)
+    primary, (faulty, healthy) = cluster.primary_with_replicas(2)
     assert faulty.proxy is not None
     full_before, partial_before = full_and_partial(primary, faulty)
     healthy_full_before = resyncs(primary, healthy, "full")
@@ -219,29 +241,37 @@ def test_link_fault_under_load_heals_by_partial_resync(cluster: Cluster, fault: 
 
 
 def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) -> None:
-    """SIGKILL a replica under load and restart it: it keeps what it acknowledged, resumes
-    with a partial resync, and its WAL holds every revision exactly once."""
-    primary = cluster.add_primary()
-    replica = cluster.add_replica(primary)
-    wait_streaming(primary, replica)
+    """SIGKILL a replica under load and restart it, three times: it keeps what it
+    acknowledged, resumes with partial resyncs, and its WAL holds every revision once."""
+    primary, (replica,) = cluster.primary_with_replicas(1)
     full_before, partial_before = full_and_partial(primary, replica)
+    identity = replica.status()
 
     load = burst(primary, "crash")
-    load.wait_for_acks(500)
-    acked = replica_status(primary, replica).acked_revision
-    assert acked > 0, "nothing was acknowledged before the kill"
-    replica.kill()
-    ack_more(load, 500)  # the primary does not wait for a dead replica
-    replica.start()
-    assert replica.status().revision >= acked, "the replica lost revisions it acknowledged"
-    ack_more(load, 500)
+    load.wait_for_acks(300)
+    for _ in range(3):
+        wait_for(
+            lambda: replica_status(primary, replica).acked_revision > 0,
+            timeout=10, what="an acknowledgement from the replica",
+        )  # fmt: skip
+        time.sleep(random.uniform(0, 0.2))
+        acked = replica_status(primary, replica).acked_revision
+        replica.kill()
+        ack_more(load, 300)  # the primary does not wait for a dead replica
+        replica.start()
+        mine = replica.status()
+        assert mine.revision >= acked, f"acknowledged {acked} but restarted at {mine.revision}"
+        assert (mine.node_id, mine.replication_id, mine.epoch) == (
+            identity.node_id, identity.replication_id, identity.epoch,
+        )  # fmt: skip
+        ack_more(load, 300)
     finish(load, seconds=0.5)
     assert not load.errors(), load.errors()
 
     assert_converged(primary, [replica], burst_keys(load))
     full, partial = full_and_partial(primary, replica)
     assert full - full_before == 0, "a restarted replica was fully resynced"
-    assert partial - partial_before >= 1
+    assert partial - partial_before >= 3
     assert replica_status(primary, replica).state == "streaming"
 
     replica.stop()
@@ -258,10 +288,7 @@ def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) 
 def test_primary_restart_replicas_resume_by_partial_resync(cluster: Cluster, how: str) -> None:
     """Primary stopped (SIGTERM) or killed (SIGKILL) under load and restarted on its data
     dir and port: same history, replicas resume with partial resyncs and converge."""
-    primary = cluster.add_primary()
-    replicas = [cluster.add_replica(primary), cluster.add_replica(primary)]
-    for replica in replicas:
-        wait_streaming(primary, replica)
+    primary, replicas = cluster.primary_with_replicas(2)
     before = primary.status()
 
     first = burst(primary, "before")
@@ -274,7 +301,9 @@ def test_primary_restart_replicas_resume_by_partial_resync(cluster: Cluster, how
     primary.start()
 
     after = primary.status()
-    assert (after.replication_id, after.epoch) == (before.replication_id, before.epoch)
+    assert (after.node_id, after.replication_id, after.epoch) == (
+        before.node_id, before.replication_id, before.epoch,
+    )  # fmt: skip
     for replica in replicas:
         wait_streaming(primary, replica)
     second = burst(primary, "after", max_ops=50)
@@ -301,9 +330,7 @@ def test_backlog_exhausted_one_full_resync_and_old_data_served_throughout(
 ) -> None:
     """A replica away while snapshots purged the WAL it needs gets exactly one full resync,
     serving its old data (never an error, never a missing key) until the switch."""
-    primary = cluster.add_primary("primary", *SMALL_BACKLOG)
-    replica = cluster.add_replica(primary)
-    wait_streaming(primary, replica)
+    primary, (replica,) = cluster.primary_with_replicas(1, SMALL_BACKLOG)
     kept = populate(primary.server, 200, prefix="kept/")
     gone = populate(primary.server, 50, prefix="gone/")
     assert_converged(primary, [replica], [*kept, *gone])
@@ -351,19 +378,34 @@ def test_backlog_exhausted_one_full_resync_and_old_data_served_throughout(
                     if value not in allowed[key]:
                         problems.append(f"Get {key}: {value!r}")
 
-    # Writes go on during the resync: the entries after the snapshot follow it.
+    # Writes go on during the resync: the entries after the snapshot follow it. A link
+    # delay stretches the resync over many reads.
+    assert replica.proxy is not None
+    replica.proxy.delay(0.15)
     meanwhile = burst(primary, "meanwhile", clients=2, max_ops=300)
     replica.start()
     reader = threading.Thread(target=read_old_data, daemon=True)
     reader.start()
+    during: list[int] = []  # the read count each time the replica said full-sync
+
+    def synced() -> bool:
+        link = replica.status().link
+        if link.state == "full-sync":
+            during.append(reads)
+        entry = replica_status(primary, replica)
+        return link.state == "streaming" and entry is not None and entry.state == "streaming"
+
     try:
-        wait_streaming(primary, replica, timeout=60)
+        wait_for(synced, timeout=60, what="the full resync", interval=0.02)
+        replica.proxy.heal()
         finish(meanwhile, seconds=30)
     finally:
         done.set()
         reader.join(30)
+    print(f"{reads} reads, {len(during)} looks at the replica in full-sync: {during}")
     assert not problems, f"{len(problems)} bad reads on the replica: {problems[:10]}"
-    assert reads > 0
+    assert len(during) >= 2, "the full resync was never seen in progress"
+    assert during[-1] > during[0], f"no reads were served during the full resync: {during}"
     assert not meanwhile.errors(), meanwhile.errors()
 
     assert_converged(primary, [replica], [*allowed, *burst_keys(meanwhile)])
@@ -428,9 +470,7 @@ def test_writes_to_a_replica_fail_with_failed_precondition_naming_the_primary(
     cluster: Cluster,
 ) -> None:
     """Set and Delete on a replica: failed_precondition naming the primary; nothing written."""
-    primary = cluster.add_primary()
-    replica = cluster.add_replica(primary)
-    wait_streaming(primary, replica)
+    primary, (replica,) = cluster.primary_with_replicas(1)
     with primary.client() as client:
         client.set(SetRequest(key="k", value=b"from-primary"))
     wait_caught_up(primary, [replica])
@@ -459,9 +499,9 @@ def test_writes_to_a_replica_fail_with_failed_precondition_naming_the_primary(
 def test_min_revision_reads_your_writes_on_a_lagging_replica(cluster: Cluster) -> None:
     """Get(min_revision=R) on a replica 150 ms behind answers the write made at R; a
     revision that never comes is deadline_exceeded, at the node's cap or the client's."""
-    primary = cluster.add_primary()
-    replica = cluster.add_replica(primary, None, "--min-revision-max-wait-ms", "400")
-    wait_streaming(primary, replica)
+    primary, (replica,) = cluster.primary_with_replicas(
+        1, replica_extra=("--min-revision-max-wait-ms", "400")
+    )
     assert replica.proxy is not None
     replica.proxy.delay(0.15)
     waited = 0
@@ -496,13 +536,40 @@ def test_unlinked_replica_not_ready_serves_reads_and_refuses_future_revisions(
 ) -> None:
     """Primary gone: /readyz 503 with a reason, plain Gets still served, a Get for a
     revision not yet applied is unavailable; ready again once the primary is back."""
-    primary = cluster.add_primary()
-    replica = cluster.add_replica(primary, None, "--replica-max-lag-seconds", "0.5")
-    wait_streaming(primary, replica)
+    primary, (replica,) = cluster.primary_with_replicas(
+        1, replica_extra=("--replica-max-lag-seconds", "0.5")
+    )
     with primary.client() as client:
-        revision = client.set(SetRequest(key="k", value=b"v")).revision
+        client.set(SetRequest(key="k", value=b"v"))
     wait_caught_up(primary, [replica])
     assert replica.ready()[0] == 200
+
+    # Lagging (every push arrives 1.5 s late) is not ready either.
+    assert replica.proxy is not None
+    replica.proxy.delay(1.5)
+    stop = threading.Event()
+
+    def write_on() -> None:
+        with primary.client() as client:
+            while not stop.is_set():
+                client.set(SetRequest(key="lag", value=b"x"))
+                time.sleep(0.05)
+
+    writer = threading.Thread(target=write_on, daemon=True)
+    writer.start()
+    try:
+        _, body = wait_for(
+            lambda: (r := replica.ready())[0] == 503 and r,
+            timeout=15, what="replica /readyz 503 while lagging 1.5 s",
+        )  # fmt: skip
+        assert body["ready"] is False, body
+        assert body["reason"], body
+    finally:
+        stop.set()
+        writer.join(10)
+    replica.proxy.heal()
+    wait_for(lambda: replica.ready()[0] == 200, timeout=15, what="replica ready after the lag")
+    revision = wait_caught_up(primary, [replica])
 
     primary.stop()
     _, body = wait_for(
@@ -514,7 +581,7 @@ def test_unlinked_replica_not_ready_serves_reads_and_refuses_future_revisions(
     assert replica.status().link.state == "unlinked"
     with replica.client(timeout_ms=5_000) as client:
         got = client.get(GetRequest(key="k"))
-        assert (got.found, got.value, got.revision) == (True, b"v", revision)
+        assert (got.found, got.value) == (True, b"v")
         assert client.get(GetRequest(key="k", min_revision=revision)).value == b"v"
         error = connect_error(lambda: client.get(GetRequest(key="k", min_revision=revision + 1)))
         assert error.code == Code.UNAVAILABLE, error
@@ -539,6 +606,27 @@ def split_request(raw: bytes) -> tuple[str, dict[str, str], bytes]:
     )
 
 
+def response_body(raw: bytes) -> bytes:
+    """The body of one raw HTTP/1.1 response (status 200; chunked and gzip undone)."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    assert status_line.split(" ")[1] == "200", raw[:500]
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    if "chunked" in headers.get("transfer-encoding", ""):
+        out = bytearray()
+        while True:
+            size_line, _, body = body.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            out += body[:size]
+            body = body[size + 2 :]
+        body = bytes(out)
+    if headers.get("content-encoding") == "gzip":
+        body = gzip.decompress(body)
+    return body
+
+
 def push_of(raw: bytes | None) -> PushRequest | None:
     """The PushRequest in a recorded request, if it is an uncompressed Push."""
     if raw is None:
@@ -549,9 +637,11 @@ def push_of(raw: bytes | None) -> PushRequest | None:
     return PushRequest.FromString(body)
 
 
-def resend(replica: Node, raw: bytes) -> PushResponse:
-    """Send a recorded Push again, straight to the replica (no proxy)."""
+def resend(replica: Node, raw: bytes, push: PushRequest | None = None) -> PushResponse:
+    """Send a recorded Push again (or `push` with its headers), straight to the replica."""
     path, headers, body = split_request(raw)
+    if push is not None:
+        body = push.SerializeToString()
     keep = {k: v for k, v in headers.items() if k not in ("host", "content-length", "connection")}
     reply = httpx.post(f"{replica.url}{path}", content=body, headers=keep, timeout=10)
     assert reply.status_code == 200, reply.text
@@ -561,9 +651,7 @@ def resend(replica: Node, raw: bytes) -> PushResponse:
 def test_duplicate_and_reordered_batches_change_nothing(cluster: Cluster) -> None:
     """Pushes replayed, held back and released late, and resent long after: the replica
     applies each entry once and ends equal to the primary."""
-    primary = cluster.add_primary()
-    replica = cluster.add_replica(primary)
-    wait_streaming(primary, replica)
+    primary, (replica,) = cluster.primary_with_replicas(1)
     proxy = replica.proxy
     assert proxy is not None
 
@@ -579,21 +667,43 @@ def test_duplicate_and_reordered_batches_change_nothing(cluster: Cluster) -> Non
     replays = 0
     for _ in range(15):  # duplicates, racing the primary's next push
         if push_of(proxy.last_request()) is not None:
-            response = PushResponse.FromString(
-                proxy.replay_last_request().partition(b"\r\n\r\n")[2]
-            )
+            response = PushResponse.FromString(response_body(proxy.replay_last_request()))
             assert response.result != PushResult.PUSH_RESULT_HISTORY_MISMATCH, response
             replays += 1
         time.sleep(0.03)
     assert replays > 0
 
-    for _ in range(3):  # one push held while later ones may overtake it
+    # Reordered: while the primary waits on a held push of entries p+1..q, the second
+    # half of it arrives first (a gap: nothing applied), then the whole of it, and
+    # the held original last (a duplicate).
+    held = None
+    for _ in range(20):
         proxy.hold_next_request()
-        proxy.wait_held(timeout=5)
-        ack_more(load, 100)
-        time.sleep(0.5)
+        raw = proxy.wait_held(timeout=5)
+        push = push_of(raw)
+        if push is not None and len(push.records) >= 2:
+            held = (raw, push)
+            break
         proxy.release_held()
-    finish(load, seconds=0.5)
+    assert held is not None, "no push of two or more entries in 20 tries"
+    raw, push = held
+    start = push.prev_revision
+    assert replica.status().revision == start
+    half = len(push.records) // 2
+    later = PushRequest()
+    later.CopyFrom(push)
+    later.prev_revision = start + half
+    del later.records[:half]
+    response = resend(replica, raw, later)
+    assert response.result == PushResult.PUSH_RESULT_POSITION_MISMATCH, response
+    assert response.revision == start, response
+    assert replica.status().revision == start
+    response = resend(replica, raw)
+    assert response.result == PushResult.PUSH_RESULT_OK, response
+    assert response.revision == start + len(push.records), response
+    ack_more(load, 100)  # the primary's writes do not wait for the held push
+    assert proxy.release_held() == 1
+    finish(load, seconds=1)
     assert not load.errors(), load.errors()
     keys = burst_keys(load)
     assert_converged(primary, [replica], keys)
@@ -619,24 +729,16 @@ def test_duplicate_and_reordered_batches_change_nothing(cluster: Cluster) -> Non
 # -- 9. another history -------------------------------------------------------------------
 
 
-def write(node: Node, prefix: str, count: int, tag: str) -> set[str]:
-    """Set `count` keys `<prefix><i>` to values naming `tag`; return the keys."""
-    keys = {f"{prefix}{i:04d}" for i in range(count)}
-    with node.client() as client:
-        for key in sorted(keys):
-            client.set(SetRequest(key=key, value=f"{tag}:{key}".encode()))
-    return keys
-
-
 @pytest.mark.parametrize("b_level", [150, 400, 800], ids=["b-behind", "b-level", "b-ahead"])
 def test_replica_repointed_to_unrelated_primary_ends_equal_to_it(
     cluster: Cluster, b_level: int
 ) -> None:
     """A replica of A restarted as a replica of an unrelated B (behind, level with, or
     ahead of it) gets B's state exactly, nothing of A's, even while A keeps pushing."""
-    a = cluster.add_primary("a")
-    b = cluster.add_primary("b")
-    replica = cluster.add_replica(a)
+    a = cluster.add_primary("a", start=False)
+    b = cluster.add_primary("b", start=False)
+    replica = cluster.add_replica(a, start=False)
+    cluster.start(a, b, replica)
     wait_streaming(a, replica)
     # The same keys in both histories with different values; A stops at revision 400.
     a_keys = write(a, "shared/", 200, "a") | write(a, "a-only/", 200, "a")
@@ -668,3 +770,61 @@ def test_replica_repointed_to_unrelated_primary_ends_equal_to_it(
     assert_same_store(b.data_dir, replica.data_dir)
     data, _ = stored(replica.data_dir)
     assert not [k for k in data if k.startswith(("a-only/", "a-later/"))]
+
+
+# -- 10. interrupted full resync ----------------------------------------------------------
+
+
+def test_full_resync_interrupted_by_a_replica_kill_keeps_the_old_state_then_completes(
+    cluster: Cluster,
+) -> None:
+    """A replica SIGKILLed halfway through a full resync restarts with exactly its old
+    data (never a half-loaded store), and a later full resync completes cleanly."""
+    a = cluster.add_primary("a", start=False)
+    b = cluster.add_primary("b", "--repl-batch-max-bytes", "32768", start=False)
+    build_snapshot_dir(b.data_dir, 20_000)
+    replica = cluster.add_replica(a, start=False)
+    cluster.start(a, b, replica)
+    wait_streaming(a, replica)
+    a_keys = write(a, "a/", 100, "a")
+    wait_caught_up(a, [replica])
+    replica.stop()
+    old_data, old_revision = stored(replica.data_dir)
+    assert len(old_data) == 100
+
+    proxy = replica.proxy
+    assert proxy is not None
+    proxy.delay(0.1)  # about 20 round trips for the ~2.5 MB snapshot, in 32 KiB pieces
+    replica.primary = b
+    sent_before = proxy.stats().bytes_up
+    replica.start()
+    wait_for(
+        lambda: (entry := replica_status(b, replica)) is not None
+        and entry.state == "full-sync"
+        and proxy.stats().bytes_up - sent_before > 256 * 1024,
+        timeout=30, what="a full resync a tenth of the way through", interval=0.01,
+    )  # fmt: skip
+    proxy.cut()
+    assert replica.status().revision == old_revision, "the resync ended before the kill"
+    replica.kill()
+
+    replica.start()  # unlinked: the proxy is still cut
+    mine = replica.status()
+    assert mine.revision == old_revision
+    assert replica.states(a_keys) == {
+        k: (v[8:], int.from_bytes(v[:8], "big")) for k, v in old_data.items()
+    }
+    assert set(replica.states({dataset_key(i) for i in range(0, 20_000, 97)}).values()) == {None}, (
+        "keys of the interrupted transfer are visible"
+    )
+    replica.stop()
+    assert stored(replica.data_dir) == (old_data, old_revision)
+
+    proxy.heal()
+    replica.start()
+    wait_streaming(b, replica, timeout=60)
+    wait_caught_up(b, [replica])
+    assert full_and_partial(b, replica)[0] >= 2
+    replica.stop()
+    b.stop()
+    assert_same_store(b.data_dir, replica.data_dir)
