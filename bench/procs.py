@@ -65,6 +65,59 @@ def peak_rss_bytes(pid: int) -> int:
     return _status_kib(pid, "VmHWM") * 1024
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU of the children a process has waited for (cutime + cstime)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of the children of every thread of `pid`, and theirs, recursively.
+
+    Read from /proc/PID/task/*/children, so a process forked by any thread (os.fork,
+    subprocess, multiprocessing) is found; one that exits meanwhile is skipped.
+    """
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        for children in Path(f"/proc/{parent}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                for child in children.read_text().split():
+                    if int(child) not in found:
+                        found.append(int(child))
+                        pending.append(int(child))
+    return found
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size (/proc/PID/smaps_rollup): shared pages split among sharers."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise BenchError(f"/proc/{pid}/smaps_rollup has no Pss")
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0, same owner); False if refused."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def process_name(pid: int) -> str:
+    """The command line of a process, shortened, or '?' once it is gone."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    text = " ".join(a.decode(errors="replace") for a in argv if a)
+    return text[:120] or "?"
+
+
 def _status_kib(pid: int, name: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(name + ":"):

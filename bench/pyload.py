@@ -24,7 +24,7 @@ class Counters:
         self.latencies: list[float] = []
 
 
-async def _read_response(reader: asyncio.StreamReader) -> int:
+async def read_response(reader: asyncio.StreamReader) -> int:
     """Read one response (Content-Length or chunked, as connect-python sends); return its status."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
@@ -52,7 +52,7 @@ async def _connection(host: str, port: int, request: bytes, deadline: float, out
         while time.monotonic() < deadline:
             started = time.monotonic()
             writer.write(request)
-            status = await _read_response(reader)
+            status = await read_response(reader)
             out.latencies.append(time.monotonic() - started)
             out.requests += 1
             if not 200 <= status < 400:

@@ -2,6 +2,8 @@
 
     python -m bench.run            # full run (< 10 min): bench/results/latest.md + dated copy
     python -m bench.run --smoke    # seconds, tiny counts: bench/results/smoke.md
+    python -m bench.run --only snapshot,gc   # bench/results/snapshot-gc.md (opt-in cases)
+    python -m bench.run --only snapshot --compare-repo ../after   # before/after side by side
 
 Peers (redis-server, etcd) and wrk are installed with apt-get when missing
 (full run; `--install` for the smoke). What cannot be installed is skipped and
@@ -22,7 +24,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import dataset, memory, profile, recovery, targets, throughput, tools
+from bench import (
+    dataset,
+    gclatency,
+    memory,
+    profile,
+    recovery,
+    snapgc_report,
+    snapshot,
+    targets,
+    throughput,
+    tools,
+)
 from bench.load import http_generator
 from bench.peers import start_etcd, start_redis
 from bench.procs import BenchError
@@ -31,6 +44,8 @@ from bench.servers import REPO, Server, start_kvservice, start_uvicorn_app
 
 log = logging.getLogger("bench.run")
 DEFAULT_OUT = REPO / "bench" / "results"
+# Cases outside the full run (they add minutes): run with --only snapshot and/or gc.
+OPT_IN = ("snapshot", "gc")
 
 
 @dataclass(frozen=True)
@@ -48,9 +63,21 @@ class Plan:
     install: bool
     profile: bool
     only: tuple[str, ...] = ()  # substrings of case keys (or "memory", "recovery"); () = all
+    kvservice_repo: Path = REPO  # the checkout whose kvservice the opt-in cases serve
+    compare_repo: Path | None = None  # a second checkout, run side by side (snapshot case)
+    compare_label: str = "after"
 
     def wants(self, name: str) -> bool:
         return not self.only or any(part in name for part in self.only)
+
+    def opted(self, name: str) -> bool:
+        """Opt-in cases (OPT_IN) run only when --only names them."""
+        return name in self.only
+
+    @property
+    def standard(self) -> bool:
+        """Whether any case of the results file of issue 4 is wanted."""
+        return not self.only or any(part not in OPT_IN for part in self.only)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Plan:
@@ -67,6 +94,9 @@ class Plan:
             install=args.install if args.install is not None else not smoke,
             profile=args.profile,
             only=tuple(part for part in (args.only or "").split(",") if part),
+            kvservice_repo=args.kvservice_repo.resolve(),
+            compare_repo=args.compare_repo.resolve() if args.compare_repo else None,
+            compare_label=args.compare_label,
         )
 
 
@@ -96,14 +126,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         help="comma-separated parts of case keys to run (e.g. kv-set,redis, or memory); "
-        "writes partial.md",
+        "writes partial.md; `snapshot` and `gc` (not in the full run) write snapshot-gc.md",
+    )
+    parser.add_argument(
+        "--kvservice-repo",
+        type=Path,
+        default=REPO,
+        help="checkout whose kvservice the snapshot and gc cases serve (default: this one)",
+    )
+    parser.add_argument(
+        "--compare-repo",
+        type=Path,
+        help="second checkout: the snapshot case runs against both in alternating rounds "
+        "and reports compare/base ratios (base = --kvservice-repo, 'before')",
+    )
+    parser.add_argument(
+        "--compare-label",
+        default="after",
+        help="name of --compare-repo in the tables (default: after; the base is 'before')",
     )
     return parser.parse_args(argv)
 
 
 def prepare_tools(plan: Plan) -> list[str]:
-    """Install what is missing if allowed; return what is still missing."""
-    return tools.install_missing() if plan.install else tools.missing()
+    """Install what is missing if allowed; return what is still missing. The opt-in
+    cases alone need only wrk (the peers are for the cases of issue 4)."""
+    commands = None if plan.standard else ["wrk"]
+    return tools.install_missing(commands) if plan.install else tools.missing(commands)
 
 
 def run_throughput(plan: Plan, results: Results, work: Path, missing: list[str]) -> None:
@@ -195,7 +244,6 @@ def write_results(results: Results, out: Path) -> list[Path]:
 
 
 def run(plan: Plan, out: Path) -> list[Path]:
-    started = time.monotonic()
     missing = prepare_tools(plan)
     generator = http_generator()
     if generator != "wrk":
@@ -210,6 +258,19 @@ def run(plan: Plan, out: Path) -> list[Path]:
         generator=generator,
         redis_rps_guess=150_000,
     )
+    paths = []
+    if plan.standard:
+        paths += run_standard(plan, out, settings, missing)
+    if any(plan.opted(name) for name in OPT_IN):
+        paths += run_snapshot_gc(plan, out, settings)
+    return paths
+
+
+def run_standard(
+    plan: Plan, out: Path, settings: throughput.Settings, missing: list[str]
+) -> list[Path]:
+    """The cases of issue 4: throughput, memory, recovery -> latest.md (or smoke/partial)."""
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
         work = Path(tmp)
         results = Results(
@@ -220,7 +281,7 @@ def run(plan: Plan, out: Path) -> list[Path]:
             settings=settings,
             partial=bool(plan.only),
         )
-        if generator != "wrk":
+        if settings.generator != "wrk":
             results.skipped.append("wrk is not installed: HTTP load came from bench/pyload.py")
         run_throughput(plan, results, work, missing)
         if plan.wants("memory") or plan.wants("recovery"):
@@ -228,6 +289,36 @@ def run(plan: Plan, out: Path) -> list[Path]:
     results.verdicts = targets.judge(results)
     results.elapsed_seconds = time.monotonic() - started
     return write_results(results, out)
+
+
+def run_snapshot_gc(plan: Plan, out: Path, settings: throughput.Settings) -> list[Path]:
+    """The opt-in snapshot and GC cases -> snapshot-gc.md (smoke: snapshot-gc-smoke.md)."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
+        work = Path(tmp)
+        results = snapgc_report.SnapGcResults(
+            started=datetime.now(UTC),
+            smoke=plan.smoke,
+            argv=sys.argv,
+            machine=tools.machine(work),
+            versions=tools.versions(plan.kvservice_repo),
+            settings=settings,
+        )
+        # Name the code under test, not the bench commits on top of it.
+        results.versions["bench commit"] = results.versions["kvservice commit"]
+        results.versions["kvservice commit"] = snapshot.kvservice_commit(plan.kvservice_repo)
+        if plan.opted("snapshot"):
+            systems = snapshot.systems_for(
+                plan.kvservice_repo, plan.compare_repo, plan.compare_label
+            )
+            results.snapshot = snapshot.measure(work, systems, plan.keys, plan.rounds)
+        if plan.opted("gc"):
+            results.gc = gclatency.measure(work, plan.keys, settings, plan.kvservice_repo)
+    results.elapsed_seconds = time.monotonic() - started
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("snapshot-gc-smoke.md" if plan.smoke else "snapshot-gc.md")
+    path.write_text(snapgc_report.render(results))
+    return [path]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,12 +5,15 @@ kvservice serves itself (uvloop + httptools, one worker, no access log).
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import Child, free_port, http_ok, tcp_open, wait_until
+from bench.procs import BenchError, Child, free_port, http_ok, tcp_open, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 60.0
@@ -45,11 +48,13 @@ def await_ready(server: Server, what: str, ready: Callable[[], bool], poll: floa
     return server
 
 
-def kvservice_argv(port: int, data_dir: Path, fsync: str) -> list[str]:
+def kvservice_argv(
+    port: int, data_dir: Path, fsync: str, launcher: Sequence[str] = ("-m", "kvservice")
+) -> list[str]:
+    """`python -m kvservice serve ...`; `launcher` replaces `-m kvservice` (bench/gcserve.py)."""
     return [
         sys.executable,
-        "-m",
-        "kvservice",
+        *launcher,
         "serve",
         "--host",
         "127.0.0.1",
@@ -62,10 +67,50 @@ def kvservice_argv(port: int, data_dir: Path, fsync: str) -> list[str]:
     ]
 
 
-def start_kvservice(work: Path, name: str, data_dir: Path, fsync: str = "always") -> Server:
-    """Start a node and wait until /readyz says it has recovered."""
+def repo_env(repo: Path) -> dict[str, str] | None:
+    """Environment that makes `import kvservice` (in the server and in any process it
+    spawns) load `repo`'s package; None (inherit) for this checkout."""
+    if repo.resolve() == REPO:
+        return None
+    return {**os.environ, "PYTHONPATH": str(repo.resolve())}
+
+
+def kvservice_origin(repo: Path) -> Path:
+    """Where a server started for `repo` imports kvservice from; refuses a mismatch, so a
+    before/after comparison cannot silently run the same code twice."""
+    done = subprocess.run(
+        [sys.executable, "-c", "import kvservice; print(kvservice.__file__)"],
+        cwd=repo, env=repo_env(repo), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise BenchError(f"cannot import kvservice from {repo}: {done.stderr[-1000:]}")
+    origin = Path(done.stdout.strip()).resolve().parent
+    if origin.parent != repo.resolve():
+        raise BenchError(f"kvservice for {repo} would be imported from {origin}")
+    return origin
+
+
+def shell_command(server: Server) -> str:
+    """How to start `server` by hand: its directory, PYTHONPATH (if set) and argv."""
+    child = server.child
+    env = child.env or {}
+    path = f"PYTHONPATH={shlex.quote(env['PYTHONPATH'])} " if "PYTHONPATH" in env else ""
+    return f"cd {shlex.quote(str(child.cwd or REPO))} && {path}{shlex.join(child.argv)}"
+
+
+def start_kvservice(
+    work: Path,
+    name: str,
+    data_dir: Path,
+    fsync: str = "always",
+    *,
+    repo: Path = REPO,
+    launcher: Sequence[str] = ("-m", "kvservice"),
+) -> Server:
+    """Start a node of `repo`'s kvservice and wait until /readyz says it has recovered."""
     port = free_port()
-    child = Child(name, kvservice_argv(port, data_dir, fsync), work / f"{name}.log", cwd=REPO)
+    argv = kvservice_argv(port, data_dir, fsync, launcher)
+    child = Child(name, argv, work / f"{name}.log", cwd=repo, env=repo_env(repo))
     server = Server(name, child.start(), port)
     return await_ready(server, "/readyz 200", lambda: http_ok(server.url("/readyz")))
 

@@ -29,18 +29,19 @@ def missing(commands: list[str] | None = None) -> list[str]:
     return [c for c in commands or list(PACKAGES) if shutil.which(c) is None]
 
 
-def install_missing() -> list[str]:
-    """apt-get install the packages of missing commands; return what is still missing.
+def install_missing(commands: list[str] | None = None) -> list[str]:
+    """apt-get install the packages of missing `commands` (default: all the harness
+    knows); return what is still missing of them.
 
     Needs root and apt-get; without them (or if the install fails) the caller
     skips the peers and says so in the results.
     """
-    packages = sorted({PACKAGES[c] for c in missing()})
+    packages = sorted({PACKAGES[c] for c in missing(commands)})
     if not packages:
         return []
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         log.warning("cannot install %s: needs root and apt-get", " ".join(packages))
-        return missing()
+        return missing(commands)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     log.info("installing %s with apt-get", " ".join(packages))
     steps = [
@@ -54,7 +55,7 @@ def install_missing() -> list[str]:
         if done.returncode != 0:
             log.warning("%s failed: %s", " ".join(argv), done.stderr.strip()[-500:])
             break
-    return missing()
+    return missing(commands)
 
 
 def _first_line(argv: list[str]) -> str:

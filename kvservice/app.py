@@ -23,15 +23,18 @@ from kvservice.health.v1 import health_pb2
 from kvservice.health.v1.health_connect import HealthASGIApplication
 from kvservice.healthcheck import HealthService
 from kvservice.metrics import RpcMetricsMiddleware
+from kvservice.replication.service import ReplicationService
 from kvservice.service import AdminService, KVStoreService
 from kvservice.v1 import admin_pb2, kv_pb2
 from kvservice.v1.admin_connect import AdminASGIApplication
 from kvservice.v1.kv_connect import KVStoreASGIApplication
+from kvservice.v1.replication_connect import ReplicationASGIApplication
 
 if TYPE_CHECKING:
     from kvservice.config import Settings
     from kvservice.metrics import ASGIApp, Metrics, Receive, Scope, Send
     from kvservice.node import Node
+    from kvservice.replication.manager import ReplicationManager
 
 # Room for the key, the protobuf/JSON framing and base64 (4/3) around a value.
 REQUEST_OVERHEAD_BYTES = 16 * 1024
@@ -114,20 +117,35 @@ async def _connect_error(send: Send, status: int, code: str, message: str) -> No
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(node: Node, settings: Settings, metrics: Metrics) -> Starlette:
+def create_app(
+    node: Node, settings: Settings, metrics: Metrics, replication: ReplicationManager
+) -> Starlette:
     """Build the ASGI app serving `node`; the lifespan starts and closes the node."""
     codec.install()
     max_body = settings.max_value_bytes * 4 // 3 + REQUEST_OVERHEAD_BYTES
     kv = KVStoreASGIApplication(
-        KVStoreService(node), read_max_bytes=max_body, compressions=[BoundedGzip(max_body)]
+        KVStoreService(node, replication),
+        read_max_bytes=max_body,
+        compressions=[BoundedGzip(max_body)],
     )
     # Small requests only: their messages have no value field.
     small = REQUEST_OVERHEAD_BYTES
     admin = AdminASGIApplication(
-        AdminService(node), read_max_bytes=small, compressions=[BoundedGzip(small)]
+        AdminService(node, replication), read_max_bytes=small, compressions=[BoundedGzip(small)]
     )
+    # A push carries a batch (or one entry larger than a batch); a snapshot piece a batch.
+    repl_body = (
+        max(settings.repl_batch_max_bytes, settings.max_value_bytes + settings.max_key_bytes)
+        + REQUEST_OVERHEAD_BYTES
+    )
+    repl = ReplicationASGIApplication(
+        ReplicationService(replication), read_max_bytes=repl_body,
+        compressions=[BoundedGzip(repl_body)],
+    )  # fmt: skip
     health = HealthASGIApplication(
-        HealthService(lambda: readiness(node)[0], lambda: node.draining or node.closed),
+        HealthService(
+            lambda: readiness(node, replication)[0], lambda: node.draining or node.closed
+        ),
         read_max_bytes=small,
         compressions=[BoundedGzip(small)],
     )
@@ -144,7 +162,7 @@ def create_app(node: Node, settings: Settings, metrics: Metrics) -> Starlette:
         return JSONResponse({"status": "ok", "pid": os.getpid()})
 
     async def readyz(_: Request) -> Response:
-        ready, body = readiness(node)
+        ready, body = readiness(node, replication)
         return JSONResponse(body, status_code=200 if ready else 503)
 
     async def metrics_endpoint(_: Request) -> Response:
@@ -153,6 +171,7 @@ def create_app(node: Node, settings: Settings, metrics: Metrics) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         node.start()
+        await replication.start()
         try:
             yield
         except asyncio.CancelledError:
@@ -161,12 +180,14 @@ def create_app(node: Node, settings: Settings, metrics: Metrics) -> Starlette:
             # Starlette does not log a forced exit as a crash.
             node.close_sync()
             return
+        await replication.close()
         await node.close()
 
     connect_mounts: dict[str, ASGIApp] = {
         kv.path: rpc,
         health.path: RequestGuard(health, small),
         admin.path: RequestGuard(admin, small),
+        repl.path: RequestGuard(repl, repl_body),
     }
     return Starlette(
         middleware=[
@@ -202,10 +223,14 @@ def _cors(origins: tuple[str, ...]) -> list[Middleware]:
     ]  # fmt: skip
 
 
-def readiness(node: Node) -> tuple[bool, dict[str, Any]]:
-    """Ready = recovered and accepting writes; otherwise say why."""
+def readiness(node: Node, replication: ReplicationManager) -> tuple[bool, dict[str, Any]]:
+    """Ready = recovered and accepting writes (a replica: linked, not resyncing, not
+    lagging); otherwise say why."""
     if node.closed or node.draining:
         return False, {"ready": False, "reason": "shutting down"}
     if node.write_failure:
         return False, {"ready": False, "reason": node.write_failure}
-    return True, {"ready": True, "revision": str(node.store.revision)}
+    reason = replication.not_ready()
+    if reason is not None:
+        return False, {"ready": False, "role": replication.role, "reason": reason}
+    return True, {"ready": True, "role": replication.role, "revision": str(node.store.revision)}

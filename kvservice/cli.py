@@ -1,4 +1,4 @@
-"""The `kvservice` command: serve, wal check|repair, config show."""
+"""The `kvservice` command: serve, status, snapshot, wal check|repair, config show."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from connectrpc.errors import ConnectError
+from google.protobuf import json_format
 
 from kvservice import __version__, logs
 from kvservice.config import ConfigError, Settings, load, shown_value, sources
@@ -19,7 +20,12 @@ from kvservice.storage import repair
 from kvservice.storage.files import DataDirLocked, lock_data_dir
 from kvservice.storage.recovery import recover
 from kvservice.v1.admin_connect import AdminClientSync
-from kvservice.v1.admin_pb2 import SnapshotRequest
+from kvservice.v1.admin_pb2 import (
+    PromoteRequest,
+    ReplicaOfRequest,
+    ReplicationStatusRequest,
+    SnapshotRequest,
+)
 
 # Named exit codes (documented in the README).
 EXIT_OK = 0
@@ -64,13 +70,30 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data-dir", dest="data_dir", default=None, help="data directory")
         sub.add_argument("--config", default=None, help="YAML config file")
 
-    snapshot = commands.add_parser(
-        "snapshot", help="ask a running node to write a snapshot now (Admin/Snapshot)"
+    # Commands that call a running node's Admin service.
+    for name, help_text in (
+        ("snapshot", "ask a running node to write a snapshot now (Admin/Snapshot)"),
+        ("status", "print a node's role and replication links as JSON (Admin/ReplicationStatus)"),
+    ):
+        remote = commands.add_parser(name, help=help_text)
+        remote.add_argument("--url", default=None, help="node URL (default: from host and port)")
+        remote.add_argument("--config", default=None, help="YAML config file")
+        remote.add_argument("--host", default=None, help="node host, when --url is not given")
+        remote.add_argument("--port", default=None, help="node port, when --url is not given")
+
+    promote = commands.add_parser(
+        "promote", help="turn a replica into a primary: new history, epoch + 1 (Admin/Promote)"
     )
-    snapshot.add_argument("--url", default=None, help="node URL (default: from host and port)")
-    snapshot.add_argument("--config", default=None, help="YAML config file")
-    snapshot.add_argument("--host", default=None, help="node host, when --url is not given")
-    snapshot.add_argument("--port", default=None, help="node port, when --url is not given")
+    promote.add_argument("--url", required=True, help="the replica to promote")
+    replicaof = commands.add_parser(
+        "replicaof", help="make a node follow a primary, no restart (Admin/ReplicaOf)"
+    )
+    replicaof.add_argument("--url", required=True, help="the node to repoint")
+    replicaof.add_argument("--primary", required=True, help="base URL of the primary to follow")
+    replicaof.add_argument(
+        "--force", action="store_true",
+        help="accept that primary even if its epoch is lower (after deciding its data wins)",
+    )  # fmt: skip
 
     config = commands.add_parser("config", help="settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -95,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, origin in sources(settings, flags).items():
             print(f"{name} = {shown_value(name, getattr(settings, name))}  ({origin})")
         return EXIT_OK
-    if args.command == "snapshot":
-        return _snapshot(args.url or f"http://{settings.host}:{settings.port}")
+    if args.command in ("promote", "replicaof", "snapshot", "status"):
+        return _remote(args, settings)
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "wal":
         if args.wal_command == "check":
@@ -152,6 +175,41 @@ def _snapshot(url: str) -> int:
             print(f"kvservice: snapshot failed: {exc.code.value}: {exc.message}", file=sys.stderr)
             return EXIT_ERROR
     print(f"snapshot at revision {reply.revision}: {reply.path} ({reply.key_count} keys)")
+    return EXIT_OK
+
+
+def _remote(args: argparse.Namespace, settings: Settings) -> int:
+    """Commands that call a running node's Admin service."""
+    if args.command in ("promote", "replicaof"):
+        return _role_change(args)
+    url = args.url or f"http://{settings.host}:{settings.port}"
+    return _snapshot(url) if args.command == "snapshot" else _status(url)
+
+
+def _role_change(args: argparse.Namespace) -> int:
+    with AdminClientSync(args.url, timeout_ms=60_000) as admin:
+        try:
+            if args.command == "promote":
+                reply: Any = admin.promote(PromoteRequest())
+            else:
+                request = ReplicaOfRequest(primary_url=args.primary, force=args.force)
+                reply = admin.replica_of(request)
+        except ConnectError as exc:
+            print(f"kvservice: {args.command} failed: {exc.code.value}: {exc.message}",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_ERROR
+    print(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True))
+    return EXIT_OK
+
+
+def _status(url: str) -> int:
+    with AdminClientSync(url, timeout_ms=10_000) as admin:
+        try:
+            reply = admin.replication_status(ReplicationStatusRequest())
+        except ConnectError as exc:
+            print(f"kvservice: status failed: {exc.code.value}: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE
+    print(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True))
     return EXIT_OK
 
 

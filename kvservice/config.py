@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -29,6 +29,7 @@ MiB = 1024 * KiB
 FsyncMode = Literal["always", "everysec", "no"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["json", "text"]
+Role = Literal["primary", "replica"]
 
 
 class ConfigError(Exception):
@@ -71,11 +72,65 @@ class Settings(BaseSettings):
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="browser origins allowed to call the API, comma-separated; * for any"
     )
+    # -- replication (README, "Replication") --
+    role: Role = Field("primary", description="primary (takes writes) or replica (read-only)")
+    primary_url: str | None = Field(
+        None, description="replica: base URL of its primary, to announce itself to"
+    )
+    replicas: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="primary: base URLs of replicas to push to, comma-separated"
+        " (replicas that announce themselves are added too)",
+    )  # fmt: skip
+    advertise_url: str | None = Field(
+        None, description="how other nodes reach this one (default: http://<host>:<port>)"
+    )
+    repl_batch_max_entries: int = Field(
+        1000, ge=1, le=100_000, description="most log entries in one push to a replica"
+    )
+    repl_batch_max_bytes: int = Field(
+        1 * MiB, ge=4 * KiB, le=64 * MiB,
+        description="most record bytes in one push (a larger single entry goes alone)",
+    )  # fmt: skip
+    repl_backlog_bytes: int = Field(
+        64 * MiB, ge=4 * KiB,
+        description="primary: WAL kept behind the snapshots so a replica that was away"
+        " can resume with a partial resync (as Redis repl-backlog-size)",
+    )  # fmt: skip
+    repl_heartbeat_seconds: float = Field(
+        1.0, gt=0, le=60, description="primary: contact every replica at least this often"
+    )
+    repl_retry_max_seconds: float = Field(
+        5.0, gt=0, le=300, description="cap of the exponential backoff between retries"
+    )
+    replica_max_lag_seconds: float = Field(
+        10.0, ge=0.1, le=3600,
+        description="replica: /readyz is 503 when the primary was not heard from, or the"
+        " replica lags, for longer than this",
+    )  # fmt: skip
+    min_revision_max_wait_ms: int = Field(
+        5000, ge=0, le=600_000, description="longest a Get with min_revision waits"
+    )
+    wait_replicas_max_wait_ms: int = Field(
+        5000, ge=0, le=600_000,
+        description="longest a write with wait_replicas waits for replica acknowledgements",
+    )  # fmt: skip
+    min_replicas: int = Field(
+        0, ge=0, le=100,
+        description="primary: refuse writes (unavailable) while fewer replicas are healthy",
+    )  # fmt: skip
+    min_replicas_max_lag_seconds: float = Field(
+        10.0, ge=0.1, le=3600,
+        description="a replica counts as healthy for min_replicas when connected and"
+        " lagging less than this",
+    )  # fmt: skip
 
     @field_validator(
         "port", "max_key_bytes", "max_value_bytes", "wal_segment_bytes",
         "snapshot_threshold_bytes", "wal_retention_max_bytes", "shutdown_timeout_seconds",
-        mode="before",
+        "repl_batch_max_entries", "repl_batch_max_bytes", "repl_backlog_bytes",
+        "repl_heartbeat_seconds", "repl_retry_max_seconds", "replica_max_lag_seconds",
+        "min_revision_max_wait_ms", "wait_replicas_max_wait_ms", "min_replicas",
+        "min_replicas_max_lag_seconds", mode="before",
     )  # fmt: skip
     @classmethod
     def _no_booleans_as_numbers(cls, value: object) -> object:
@@ -84,12 +139,36 @@ class Settings(BaseSettings):
             raise ValueError("expected a number, got a boolean")
         return value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "replicas", mode="before")
     @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(o.strip() for o in value.split(",") if o.strip())
         return value
+
+    @field_validator("primary_url", "advertise_url", "replicas")
+    @classmethod
+    def _http_urls(cls, value: object) -> object:
+        urls = value if isinstance(value, tuple) else (value,)
+        for url in urls:
+            if url is not None and not str(url).startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not a base URL (http://host:port)")
+        if isinstance(value, tuple):
+            return tuple(u.rstrip("/") for u in value)
+        return value.rstrip("/") if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _role_settings(self) -> Settings:
+        if self.role == "primary" and self.primary_url:
+            raise ValueError("primary_url is for replicas: set role to replica, or drop it")
+        if self.role == "replica" and self.replicas:
+            raise ValueError("replicas is for primaries: a replica does not push")
+        return self
+
+    @property
+    def own_url(self) -> str:
+        """How other nodes reach this one."""
+        return self.advertise_url or f"http://{self.host}:{self.port}"
 
     @field_validator("fsync", mode="before")
     @classmethod
@@ -153,7 +232,10 @@ def load(flags: Mapping[str, Any] | None = None) -> Settings:
 def describe_validation_error(exc: ValidationError, flags: Mapping[str, Any]) -> str:
     lines = []
     for error in exc.errors():
-        name = str(error["loc"][0]) if error["loc"] else "?"
+        if not error["loc"]:  # a rule across settings
+            lines.append(f"invalid settings: {error['msg'].removeprefix('Value error, ')}")
+            continue
+        name = str(error["loc"][0])
         where = _origin(name, flags)
         if error["type"] == "extra_forbidden":
             allowed = ", ".join(n for n in Settings.model_fields if n != "config")

@@ -23,6 +23,37 @@ class WalFailed(KVError):
     """The WAL refused a write or fsync, or its flusher died: the node is read-only now."""
 
 
+class NotPrimary(KVError):
+    """A write reached a replica (or a fenced former primary); it names the primary."""
+
+    def __init__(
+        self, primary_url: str | None, why: str = "this node is a read-only replica"
+    ) -> None:
+        where = f"the primary at {primary_url}" if primary_url else "the primary"
+        super().__init__(f"{why}: send writes to {where}")
+        self.primary_url = primary_url
+
+
+class ReplicasNotReached(KVError):
+    """Fewer replicas than asked acknowledged a write in time (it stays committed)."""
+
+
+class NotEnoughReplicas(KVError):
+    """min_replicas: too few healthy replicas, so this primary takes no writes now."""
+
+
+class RevisionNotReached(KVError):
+    """A read asked for a revision this node has not applied within the wait allowed."""
+
+
+class NotLinked(KVError):
+    """A replica is not linked to its primary, so it cannot promise to catch up."""
+
+
+class ReplicationRefused(KVError):
+    """A replication request that this node will not act on (wrong role, epoch, ...)."""
+
+
 class ShuttingDown(KVError):
     """The node is closing and takes no more writes."""
 

@@ -22,7 +22,12 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -62,6 +67,80 @@ class NodeGauges:
     wal_segments: Callable[[], int]
     wal_dir: Path
     last_snapshot_unix: Callable[[], float | None]
+
+
+@dataclass(frozen=True)
+class ReplicationGauges:
+    """What the replication metrics read at scrape time."""
+
+    role: Callable[[], str]
+    epoch: Callable[[], int]
+    applied_revision: Callable[[], int]
+    replica_lag_seconds: Callable[[], float | None]
+    # Per replica: (url, connected, lag revisions, lag seconds, full, partial, retries).
+    senders: Callable[[], list[tuple[str, bool, int, float, int, int, int]]]
+
+
+class ReplicationStats(Collector):
+    """Replication metrics (names fixed by DESIGN.md), read from the node when scraped."""
+
+    def __init__(self, gauges: ReplicationGauges) -> None:
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        g = self.gauges
+        role = GaugeMetricFamily(
+            "kvservice_replication_role", "1 for the node's current role", labels=["role"]
+        )
+        for name in ("primary", "replica"):
+            role.add_metric([name], 1 if g.role() == name else 0)
+        yield role
+        yield GaugeMetricFamily(
+            "kvservice_replication_epoch", "Epoch of the node's replication history",
+            value=g.epoch(),
+        )  # fmt: skip
+        senders = g.senders()
+        families = {
+            "connected": GaugeMetricFamily(
+                "kvservice_replica_connected", "1 while the link to the replica works",
+                labels=["replica"]),
+            "lag_revisions": GaugeMetricFamily(
+                "kvservice_replica_lag_revisions",
+                "Revisions the replica has not acknowledged", labels=["replica"]),
+            "lag_seconds": GaugeMetricFamily(
+                "kvservice_replica_lag_seconds",
+                "Age of the oldest durable entry the replica has not acknowledged",
+                labels=["replica"]),
+        }  # fmt: skip
+        resyncs = CounterMetricFamily(
+            "kvservice_replication_resyncs", "Resyncs started, by replica and kind",
+            labels=["replica", "kind"],
+        )  # fmt: skip
+        retries = CounterMetricFamily(
+            "kvservice_replication_retries", "Retries of a failed replication link",
+            labels=["replica"],
+        )  # fmt: skip
+        for url, connected, lag_revisions, lag_seconds, full, partial, tries in senders:
+            families["connected"].add_metric([url], 1 if connected else 0)
+            families["lag_revisions"].add_metric([url], lag_revisions)
+            families["lag_seconds"].add_metric([url], lag_seconds)
+            resyncs.add_metric([url, "full"], full)
+            resyncs.add_metric([url, "partial"], partial)
+            retries.add_metric([url], tries)
+        yield from families.values()
+        yield resyncs
+        yield retries
+        yield GaugeMetricFamily(
+            "kvservice_replication_applied_revision",
+            "Last revision this node applied (on a replica: of its primary's log)",
+            value=g.applied_revision(),
+        )  # fmt: skip
+        lag = g.replica_lag_seconds()
+        yield GaugeMetricFamily(
+            "kvservice_replication_lag_seconds",
+            "How far this replica is behind its primary, in seconds (0 on a primary)",
+            value=lag if lag is not None else 0.0,
+        )  # fmt: skip
 
 
 class Metrics:
@@ -130,6 +209,9 @@ class Metrics:
     def observe_recovery(self, recovery: Recovery) -> None:
         self.recovery_seconds.set(recovery.seconds)
         self.recovery_records.set(recovery.records_replayed)
+
+    def watch_replication(self, gauges: ReplicationGauges) -> None:
+        self.registry.register(ReplicationStats(gauges))
 
     def watch(self, node: NodeGauges) -> None:
         """Read gauges from the node at scrape time instead of on every write."""

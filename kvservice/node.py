@@ -18,11 +18,24 @@ metrics, snapshots' mechanics or the network.
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import logging
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from kvservice.engine import Store
-from kvservice.errors import InvalidArgument, ShuttingDown, WalFailed
+from kvservice.errors import (
+    InvalidArgument,
+    NotPrimary,
+    ReplicationRefused,
+    RevisionGap,
+    ShuttingDown,
+    StorageError,
+    WalFailed,
+)
 from kvservice.feed import CommitFeed
 from kvservice.snapshots import SnapshotInfo, Snapshotter
 from kvservice.storage import record
@@ -75,6 +88,13 @@ class Node:
         # Set by the first SIGTERM/SIGINT: readiness and health turn NOT_SERVING
         # at once, so load balancers stop sending while requests drain.
         self.draining = False
+        # "primary", "replica" (writes only from its primary: apply_replicated) or
+        # "fenced" (a former primary that met a higher epoch).
+        self.role = "primary"
+        self.primary_url: str | None = None
+        # Readers waiting for a revision (min_revision): (revision, seq, future).
+        self._revision_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._waiter_seq = itertools.count()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -135,9 +155,19 @@ class Node:
         return await self.snapshotter.snapshot()
 
     async def _commit(self, entry: LogEntry) -> int:
+        if self.role != "primary":
+            if self.role == "fenced":
+                raise NotPrimary(self.primary_url, "this node was fenced by a newer primary")
+            raise NotPrimary(self.primary_url)
         if self.closed:
             raise ShuttingDown("the node is shutting down")
-        data = record.encode(entry.SerializeToString())
+        self._append(entry, record.encode(entry.SerializeToString()))
+        self._wake_readers()
+        await self.wal.sync()
+        return entry.revision
+
+    def _append(self, entry: LogEntry, data: bytes) -> None:
+        """Log and apply one entry (no await: log, feed and memory order stay one)."""
         self.feed.stage(entry, data)
         try:
             self.wal.append(data, entry.revision)
@@ -146,5 +176,57 @@ class Node:
             raise
         self.store.apply(entry)
         self.snapshotter.maybe_start()
-        await self.wal.sync()
-        return entry.revision
+
+    # -- replication ------------------------------------------------------------
+
+    def apply_replicated(self, records: list[bytes]) -> int:
+        """A replica's write path: append the primary's records unchanged and apply
+        them. They must continue this node's log exactly (checked before anything
+        is written). Returns the last revision applied; await `wal.sync()` before
+        acknowledging it."""
+        if self.closed:
+            raise ShuttingDown("the node is shutting down")
+        entries = [_decode_record(data) for data in records]
+        expected = self.store.revision + 1
+        for entry in entries:
+            if entry.revision != expected:
+                raise RevisionGap(f"expected revision {expected}, got {entry.revision}")
+            expected += 1
+        for entry, data in zip(entries, records, strict=True):
+            self._append(entry, data)
+        self._wake_readers()
+        return self.store.revision
+
+    def swap_storage(self, store: Store, wal: Wal, feed: CommitFeed, snap: Snapshotter) -> None:
+        """Switch to a store installed by a full resync (the old parts are closed)."""
+        self.feed.close()
+        self.store, self.wal, self.feed, self.snapshotter = store, wal, feed, snap
+        self._wake_readers()
+
+    async def wait_for_revision(self, revision: int, seconds: float) -> bool:
+        """Wait until this node has applied `revision`; False when `seconds` passed first."""
+        if self.store.revision >= revision:
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._revision_waiters, (revision, next(self._waiter_seq), future))
+        try:
+            await asyncio.wait_for(asyncio.shield(future), seconds)
+        except TimeoutError:
+            return self.store.revision >= revision
+        return True
+
+    def _wake_readers(self) -> None:
+        waiters = self._revision_waiters
+        while waiters and waiters[0][0] <= self.store.revision:
+            future = heapq.heappop(waiters)[2]
+            if not future.done():
+                future.set_result(None)
+
+
+def _decode_record(data: bytes) -> LogEntry:
+    """The one LogEntry framed in `data` (checksums verified)."""
+    try:
+        [(_, payload)] = list(record.scan(data, "<replicated record>"))
+        return LogEntry.FromString(payload)
+    except (StorageError, DecodeError, ValueError) as exc:
+        raise ReplicationRefused(f"a replicated record is damaged: {exc}") from exc

@@ -19,13 +19,31 @@ from kvservice.errors import (
     FeedOverflow,
     InvalidArgument,
     KVError,
+    NotEnoughReplicas,
+    NotLinked,
+    NotPrimary,
+    ReplicasNotReached,
+    ReplicationRefused,
     ResourceExhausted,
+    RevisionNotReached,
     ShuttingDown,
     SnapshotFailed,
     WalFailed,
 )
 from kvservice.node import Node
-from kvservice.v1.admin_pb2 import SnapshotRequest, SnapshotResponse
+from kvservice.replication.manager import ReplicationManager
+from kvservice.v1.admin_pb2 import (
+    PromoteRequest,
+    PromoteResponse,
+    ReplicaLink,
+    ReplicaOfRequest,
+    ReplicaOfResponse,
+    ReplicaStatus,
+    ReplicationStatusRequest,
+    ReplicationStatusResponse,
+    SnapshotRequest,
+    SnapshotResponse,
+)
 from kvservice.v1.kv_pb2 import (
     DeleteRequest,
     DeleteResponse,
@@ -46,6 +64,12 @@ CODES: dict[type[KVError], Code] = {
     ResourceExhausted: Code.RESOURCE_EXHAUSTED,
     FeedOverflow: Code.RESOURCE_EXHAUSTED,
     Compacted: Code.OUT_OF_RANGE,
+    NotPrimary: Code.FAILED_PRECONDITION,
+    ReplicationRefused: Code.FAILED_PRECONDITION,
+    RevisionNotReached: Code.DEADLINE_EXCEEDED,
+    ReplicasNotReached: Code.DEADLINE_EXCEEDED,
+    NotEnoughReplicas: Code.UNAVAILABLE,
+    NotLinked: Code.UNAVAILABLE,
     WalFailed: Code.UNAVAILABLE,
     ShuttingDown: Code.UNAVAILABLE,
     SnapshotFailed: Code.UNAVAILABLE,
@@ -82,8 +106,50 @@ def connect_errors(handler: Handler[S, Req, R]) -> Handler[S, Req, R]:
 class AdminService:
     """Implements the generated `Admin` protocol: operator actions."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, replication: ReplicationManager) -> None:
         self.node = node
+        self.replication = replication
+
+    @connect_errors
+    async def replication_status(
+        self, request: ReplicationStatusRequest, ctx: RequestContext[Any, Any]
+    ) -> ReplicationStatusResponse:
+        manager, node = self.replication, self.node
+        state = manager.state
+        reply = ReplicationStatusResponse(
+            role=manager.role, node_id=state.node_id, replication_id=state.replication_id,
+            epoch=state.epoch, revision=node.store.revision,
+            durable_revision=node.wal.durable_revision,
+            advertise_url=manager.settings.own_url,
+            prev_replication_id=state.prev_replication_id,
+            prev_end_revision=state.prev_end_revision, fenced=manager.fenced,
+        )  # fmt: skip
+        for view in manager.sender_views():
+            reply.replicas.append(
+                ReplicaStatus(
+                    url=view.url,
+                    state=view.state,
+                    acked_revision=view.acked_revision,
+                    lag_revisions=view.lag_revisions,
+                    lag_seconds=view.lag_seconds,
+                    last_error=view.last_error,
+                    full_resyncs=view.full_resyncs,
+                    partial_resyncs=view.partial_resyncs,
+                )
+            )
+        link = manager.link_view()
+        if link is not None:
+            reply.link.CopyFrom(
+                ReplicaLink(
+                    primary_url=link.primary_url,
+                    state=link.state,
+                    last_contact_seconds=link.last_contact_seconds,
+                    lag_seconds=link.lag_seconds,
+                    primary_revision=link.primary_revision,
+                    last_error=link.last_error,
+                )
+            )
+        return reply
 
     @connect_errors
     async def snapshot(
@@ -94,26 +160,89 @@ class AdminService:
             revision=info.revision, path=str(info.path), key_count=info.key_count
         )
 
+    @connect_errors
+    async def promote(
+        self, request: PromoteRequest, ctx: RequestContext[Any, Any]
+    ) -> PromoteResponse:
+        state = await self.replication.promote()
+        return PromoteResponse(
+            replication_id=state.replication_id, epoch=state.epoch,
+            revision=self.node.store.revision, prev_replication_id=state.prev_replication_id,
+            prev_end_revision=state.prev_end_revision,
+        )  # fmt: skip
+
+    @connect_errors
+    async def replica_of(
+        self, request: ReplicaOfRequest, ctx: RequestContext[Any, Any]
+    ) -> ReplicaOfResponse:
+        url = request.primary_url.rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise InvalidArgument(f"primary_url {request.primary_url!r} is not a base URL")
+        if url == self.replication.settings.own_url:
+            raise InvalidArgument("a node cannot follow itself")
+        previous = await self.replication.replica_of(url, force=request.force)
+        return ReplicaOfResponse(primary_url=url, previous_role=previous)
+
 
 class KVStoreService:
     """Implements the generated `KVStore` protocol on top of a Node."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, replication: ReplicationManager) -> None:
         self.node = node
+        self.replication = replication
+        self.max_wait = replication.settings.min_revision_max_wait_ms / 1000
+        self.max_replica_wait = replication.settings.wait_replicas_max_wait_ms / 1000
 
     @connect_errors
     async def get(self, request: GetRequest, ctx: RequestContext[Any, Any]) -> GetResponse:
+        if request.min_revision > self.node.store.revision:
+            await self._wait_for(request.min_revision, ctx)
         found = self.node.get(request.key)
         if found is None:
             return GetResponse()
         value, revision = found
         return GetResponse(found=True, value=value, revision=revision)
 
+    async def _wait_for(self, revision: int, ctx: RequestContext[Any, Any]) -> None:
+        """Read-your-writes: wait until applied, within the deadline; never a stale answer."""
+        deadline_ms = ctx.timeout_ms()
+        wait = self.max_wait if deadline_ms is None else min(self.max_wait, deadline_ms / 1000)
+        if await self.node.wait_for_revision(revision, max(0.0, wait - 0.005)):
+            return
+        reason = self.replication.not_ready()
+        if reason is not None:
+            raise NotLinked(f"revision {revision} not reached: {reason}")
+        raise RevisionNotReached(
+            f"this node is at revision {self.node.store.revision}; revision {revision} was not"
+            f" reached within {wait * 1000:.0f} ms (min_revision_max_wait_ms or the deadline)"
+        )
+
     @connect_errors
     async def set(self, request: SetRequest, ctx: RequestContext[Any, Any]) -> SetResponse:
-        return SetResponse(revision=await self.node.set(request.key, request.value))
+        self.replication.check_min_replicas()
+        revision = await self.node.set(request.key, request.value)
+        await self._replicated(revision, request.wait_replicas, ctx)
+        return SetResponse(revision=revision)
 
     @connect_errors
     async def delete(self, request: DeleteRequest, ctx: RequestContext[Any, Any]) -> DeleteResponse:
+        self.replication.check_min_replicas()
         deleted, revision = await self.node.delete(request.key)
+        if deleted:
+            await self._replicated(revision, request.wait_replicas, ctx)
         return DeleteResponse(deleted=deleted, revision=revision)
+
+    async def _replicated(self, revision: int, wanted: int, ctx: RequestContext[Any, Any]) -> None:
+        """wait_replicas: hold the answer until that many replicas made it durable."""
+        if wanted == 0:
+            return
+        deadline_ms = ctx.timeout_ms()
+        wait = self.max_replica_wait
+        if deadline_ms is not None:
+            wait = min(wait, deadline_ms / 1000 - 0.005)
+        got = await self.replication.wait_for_replicas(revision, wanted, max(0.0, wait))
+        if got < wanted:
+            raise ReplicasNotReached(
+                f"the write is committed at revision {revision} on the primary, but only {got}"
+                f" of the {wanted} replicas asked for acknowledged it within {wait * 1000:.0f} ms"
+            )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvservice.metrics import Metrics
+from kvservice.metrics import Metrics, ReplicationGauges
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "deployments" / "prometheus" / "alerts.yml"
@@ -77,7 +77,17 @@ def test_every_alert_says_what_and_links_the_runbook() -> None:
 def exported_series() -> set[str]:
     """Every series name a node can export, from its own registry."""
     names = set(PROMETHEUS_SERIES)
-    for family in Metrics().registry.collect():
+    metrics = Metrics()
+    metrics.watch_replication(
+        ReplicationGauges(
+            role=lambda: "primary",
+            epoch=lambda: 0,
+            applied_revision=lambda: 0,
+            replica_lag_seconds=lambda: None,
+            senders=lambda: [("http://replica:8080", True, 0, 0.0, 0, 0, 0)],
+        )
+    )
+    for family in metrics.registry.collect():
         if family.type == "counter":
             names.add(f"{family.name}_total")
         elif family.type == "histogram":

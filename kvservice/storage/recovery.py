@@ -20,6 +20,7 @@ from kvservice.engine import Store
 from kvservice.errors import CorruptRecord, RevisionGap, StorageError, TornRecord
 from kvservice.storage import record
 from kvservice.storage.files import fsync_dir, remove_stale_tmp, truncate_durably
+from kvservice.storage.install import finish_install
 from kvservice.storage.segments import (
     create_segment,
     data_dirs,
@@ -65,7 +66,11 @@ def recover(data_dir: Path, *, repair_tail: bool = True) -> Recovery:
     started = time.monotonic()
     wal_dir, snap_dir = data_dirs(data_dir)
     if repair_tail:
-        for directory in (data_dir, wal_dir, snap_dir):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        # A full resync interrupted by a crash: finished when staged, else discarded.
+        if finish_install(data_dir):
+            log.warning("finished installing a snapshot received by full resync")
+        for directory in (wal_dir, snap_dir):
             directory.mkdir(parents=True, exist_ok=True)
         for stale in remove_stale_tmp(wal_dir) + remove_stale_tmp(snap_dir):
             log.warning("removed unfinished file", extra={"path": str(stale)})

@@ -7,7 +7,9 @@ watch streams resuming. Each says which revision it has (it needs the ones
 after it). So that a dead or stuck holder cannot fill the disk, the segments
 kept only for holders are capped at `max_bytes` (setting
 `wal_retention_max_bytes`): past it the oldest go anyway, and a holder that
-needed them gets Compacted from the backlog reader and resyncs.
+needed them gets Compacted from the backlog reader and resyncs. On a primary
+the newest `keep_bytes` behind the snapshots (`repl_backlog_bytes`) stay in
+any case, so a replica that was away can resume by partial resync.
 
 `purge` changes the file set: call it on the WAL's fsync thread
 (`Wal.run_on_thread`), in order with rotations.
@@ -38,9 +40,12 @@ class Hold:
 class Retention:
     """The registry of holders and the purge rule."""
 
-    def __init__(self, wal_dir: Path, max_bytes: int) -> None:
+    def __init__(self, wal_dir: Path, max_bytes: int, keep_bytes: int = 0) -> None:
         self.wal_dir = wal_dir
         self.max_bytes = max_bytes
+        # The newest covered segments up to this size stay whoever holds them: the
+        # replication backlog a returning replica resumes from (repl_backlog_bytes).
+        self.keep_bytes = keep_bytes
         self._holds: dict[str, Hold] = {}
 
     def hold(self, name: str, revision: Callable[[], int]) -> None:
@@ -66,13 +71,16 @@ class Retention:
             if segment_revision(following) <= covered + 1
         ]
         holders = {hold.name: hold.revision() for hold in self._holds.values()}
-        held_bytes = 0
+        held_bytes = kept_bytes = 0
         capped = False  # once a held segment goes, every older one goes too (no holes)
         removed = []
         # Newest first: the cap keeps the segments nearest to the holders' positions.
         for path, last_revision in reversed(candidates):
             wanted_by = [name for name, has in holders.items() if has < last_revision]
             size = _size(path)
+            if kept_bytes < self.keep_bytes and not capped:
+                kept_bytes += size
+                continue
             if wanted_by and not capped and held_bytes + size <= self.max_bytes:
                 held_bytes += size
                 continue

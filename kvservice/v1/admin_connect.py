@@ -20,6 +20,15 @@ class Admin(Protocol):
     async def snapshot(self, request: kvservice_dot_v1_dot_admin__pb2.SnapshotRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.SnapshotResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def replication_status(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def promote(self, request: kvservice_dot_v1_dot_admin__pb2.PromoteRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.PromoteResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def replica_of(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class AdminASGIApplication(ConnectASGIApplication[Admin]):
     def __init__(self, service: Admin | AsyncGenerator[Admin], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -35,6 +44,36 @@ class AdminASGIApplication(ConnectASGIApplication[Admin]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.snapshot,
+                ),
+                "/kvservice.v1.Admin/ReplicationStatus": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ReplicationStatus",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=svc.replication_status,
+                ),
+                "/kvservice.v1.Admin/Promote": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Promote",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.PromoteResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.promote,
+                ),
+                "/kvservice.v1.Admin/ReplicaOf": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ReplicaOf",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.replica_of,
                 ),
             },
             interceptors=interceptors,
@@ -69,9 +108,77 @@ class AdminClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def replication_status(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ReplicationStatus",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
+    async def promote(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.PromoteResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Promote",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.PromoteResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def replica_of(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ReplicaOf",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class AdminSync(Protocol):
     def snapshot(self, request: kvservice_dot_v1_dot_admin__pb2.SnapshotRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.SnapshotResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def replication_status(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def promote(self, request: kvservice_dot_v1_dot_admin__pb2.PromoteRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.PromoteResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def replica_of(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -88,6 +195,36 @@ class AdminWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.snapshot,
+                ),
+                "/kvservice.v1.Admin/ReplicationStatus": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ReplicationStatus",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=service.replication_status,
+                ),
+                "/kvservice.v1.Admin/Promote": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Promote",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.PromoteResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.promote,
+                ),
+                "/kvservice.v1.Admin/ReplicaOf": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ReplicaOf",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.replica_of,
                 ),
             },
             interceptors=interceptors,
@@ -116,6 +253,68 @@ class AdminClientSync(ConnectClientSync):
                 service_name="kvservice.v1.Admin",
                 input=kvservice_dot_v1_dot_admin__pb2.SnapshotRequest,
                 output=kvservice_dot_v1_dot_admin__pb2.SnapshotResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def replication_status(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ReplicationStatus",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.ReplicationStatusResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
+    def promote(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.PromoteResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Promote",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.PromoteRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.PromoteResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def replica_of(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ReplicaOf",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvservice/v1/kv.proto\x12\x0ckvservice.v1\"\x1e\n\nGetRequest\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\"U\n\x0bGetResponse\x12\x14\n\x05\x66ound\x18\x01 \x01(\x08R\x05\x66ound\x12\x14\n\x05value\x18\x02 \x01(\x0cR\x05value\x12\x1a\n\x08revision\x18\x03 \x01(\x04R\x08revision\"4\n\nSetRequest\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x0cR\x05value\")\n\x0bSetResponse\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\"!\n\rDeleteRequest\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\"F\n\x0e\x44\x65leteResponse\x12\x18\n\x07\x64\x65leted\x18\x01 \x01(\x08R\x07\x64\x65leted\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision2\xcb\x01\n\x07KVStore\x12?\n\x03Get\x12\x18.kvservice.v1.GetRequest\x1a\x19.kvservice.v1.GetResponse\"\x03\x90\x02\x01\x12:\n\x03Set\x12\x18.kvservice.v1.SetRequest\x1a\x19.kvservice.v1.SetResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.kvservice.v1.DeleteRequest\x1a\x1c.kvservice.v1.DeleteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15kvservice/v1/kv.proto\x12\x0ckvservice.v1\"A\n\nGetRequest\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12!\n\x0cmin_revision\x18\x02 \x01(\x04R\x0bminRevision\"U\n\x0bGetResponse\x12\x14\n\x05\x66ound\x18\x01 \x01(\x08R\x05\x66ound\x12\x14\n\x05value\x18\x02 \x01(\x0cR\x05value\x12\x1a\n\x08revision\x18\x03 \x01(\x04R\x08revision\"e\n\nSetRequest\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x0cR\x05value\x12#\n\rwait_replicas\x18\x05 \x01(\rR\x0cwaitReplicasJ\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05\")\n\x0bSetResponse\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\"L\n\rDeleteRequest\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12#\n\rwait_replicas\x18\x03 \x01(\rR\x0cwaitReplicasJ\x04\x08\x02\x10\x03\"F\n\x0e\x44\x65leteResponse\x12\x18\n\x07\x64\x65leted\x18\x01 \x01(\x08R\x07\x64\x65leted\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision2\xcb\x01\n\x07KVStore\x12?\n\x03Get\x12\x18.kvservice.v1.GetRequest\x1a\x19.kvservice.v1.GetResponse\"\x03\x90\x02\x01\x12:\n\x03Set\x12\x18.kvservice.v1.SetRequest\x1a\x19.kvservice.v1.SetResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.kvservice.v1.DeleteRequest\x1a\x1c.kvservice.v1.DeleteResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVSTORE'].methods_by_name['Get']._loaded_options = None
   _globals['_KVSTORE'].methods_by_name['Get']._serialized_options = b'\220\002\001'
   _globals['_GETREQUEST']._serialized_start=39
-  _globals['_GETREQUEST']._serialized_end=69
-  _globals['_GETRESPONSE']._serialized_start=71
-  _globals['_GETRESPONSE']._serialized_end=156
-  _globals['_SETREQUEST']._serialized_start=158
-  _globals['_SETREQUEST']._serialized_end=210
-  _globals['_SETRESPONSE']._serialized_start=212
-  _globals['_SETRESPONSE']._serialized_end=253
-  _globals['_DELETEREQUEST']._serialized_start=255
-  _globals['_DELETEREQUEST']._serialized_end=288
-  _globals['_DELETERESPONSE']._serialized_start=290
-  _globals['_DELETERESPONSE']._serialized_end=360
-  _globals['_KVSTORE']._serialized_start=363
-  _globals['_KVSTORE']._serialized_end=566
+  _globals['_GETREQUEST']._serialized_end=104
+  _globals['_GETRESPONSE']._serialized_start=106
+  _globals['_GETRESPONSE']._serialized_end=191
+  _globals['_SETREQUEST']._serialized_start=193
+  _globals['_SETREQUEST']._serialized_end=294
+  _globals['_SETRESPONSE']._serialized_start=296
+  _globals['_SETRESPONSE']._serialized_end=337
+  _globals['_DELETEREQUEST']._serialized_start=339
+  _globals['_DELETEREQUEST']._serialized_end=415
+  _globals['_DELETERESPONSE']._serialized_start=417
+  _globals['_DELETERESPONSE']._serialized_end=487
+  _globals['_KVSTORE']._serialized_start=490
+  _globals['_KVSTORE']._serialized_end=693
 # @@protoc_insertion_point(module_scope)

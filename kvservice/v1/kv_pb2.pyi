@@ -5,10 +5,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "min_revision")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    MIN_REVISION_FIELD_NUMBER: _ClassVar[int]
     key: str
-    def __init__(self, key: _Optional[str] = ...) -> None: ...
+    min_revision: int
+    def __init__(self, key: _Optional[str] = ..., min_revision: _Optional[int] = ...) -> None: ...
 
 class GetResponse(_message.Message):
     __slots__ = ("found", "value", "revision")
@@ -21,12 +23,14 @@ class GetResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class SetRequest(_message.Message):
-    __slots__ = ("key", "value")
+    __slots__ = ("key", "value", "wait_replicas")
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     key: str
     value: bytes
-    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    wait_replicas: int
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ..., wait_replicas: _Optional[int] = ...) -> None: ...
 
 class SetResponse(_message.Message):
     __slots__ = ("revision",)
@@ -35,10 +39,12 @@ class SetResponse(_message.Message):
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "wait_replicas")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    WAIT_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     key: str
-    def __init__(self, key: _Optional[str] = ...) -> None: ...
+    wait_replicas: int
+    def __init__(self, key: _Optional[str] = ..., wait_replicas: _Optional[int] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted", "revision")

@@ -147,7 +147,10 @@ def assert_unchanged(server: ServerProcess) -> None:
     assert server.proc is not None
     assert server.proc.poll() is None, server.log()
     ready = httpx.get(f"{server.url}/readyz", timeout=5)
-    assert (ready.status_code, ready.json()) == (200, {"ready": True, "revision": "1"})
+    assert (ready.status_code, ready.json()) == (
+        200,
+        {"ready": True, "role": "primary", "revision": "1"},
+    )
     got = httpx.post(f"{server.url}{KV}/Get", json={"key": "seed"}, timeout=5)
     assert got.json() == {"found": True, "value": "c2VlZA==", "revision": "1"}
 

@@ -88,9 +88,13 @@ def test_readyz_is_200_with_json(server: ServerProcess) -> None:
     reply = httpx.get(f"{server.url}/readyz", timeout=5)
     assert reply.status_code == 200
     assert reply.headers["content-type"] == "application/json"
-    assert reply.json() == {"ready": True, "revision": "0"}
+    assert reply.json() == {"ready": True, "role": "primary", "revision": "0"}
     post(server, "Set", {"key": "k", "value": ""}).raise_for_status()
-    assert httpx.get(f"{server.url}/readyz", timeout=5).json() == {"ready": True, "revision": "1"}
+    assert httpx.get(f"{server.url}/readyz", timeout=5).json() == {
+        "ready": True,
+        "role": "primary",
+        "revision": "1",
+    }
 
 
 @pytest.mark.parametrize("proto_json", [True, False], ids=["json", "proto"])

@@ -18,7 +18,7 @@ from tests.nodes import open_node
 
 def _write(data_dir: Path, count: int, *, snapshot_at: int | None = None) -> None:
     async def scenario() -> None:
-        node = open_node(data_dir, wal_segment_bytes=4096)
+        node = open_node(data_dir, wal_segment_bytes=4096, repl_backlog_bytes=4096)
         node.start()
         for i in range(count):
             if i % 7 == 6:
@@ -67,7 +67,7 @@ def test_stops_at_until_and_continues_later(tmp_path: Path) -> None:
 
 def test_compacted_below_the_oldest_segment(tmp_path: Path) -> None:
     """After a snapshot purged old segments, older revisions say 'compacted'."""
-    _write(tmp_path, 300, snapshot_at=250)
+    _write(tmp_path, 600, snapshot_at=550)
     wal = tmp_path / "wal"
     oldest = segment_revision(list_segments(wal)[0])
     assert oldest > 1
@@ -76,7 +76,7 @@ def test_compacted_below_the_oldest_segment(tmp_path: Path) -> None:
     assert info.value.oldest == oldest
     assert "compacted" in str(info.value)
     with BacklogReader(wal, oldest - 1) as reader:  # the first revision still on disk
-        assert [c.revision for c in reader.read(max_entries=1000)] == list(range(oldest, 301))
+        assert [c.revision for c in reader.read(max_entries=1000)] == list(range(oldest, 601))
 
 
 def test_a_segment_purged_under_a_reader_is_compacted(tmp_path: Path) -> None:

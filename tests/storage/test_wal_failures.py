@@ -14,6 +14,7 @@ import pytest
 
 from kvservice.errors import WalFailed
 from kvservice.storage.recovery import recover
+from kvservice.storage.segments import list_segments, segment_revision
 from tests.nodes import open_node
 
 
@@ -113,7 +114,7 @@ def test_file_set_changes_run_on_the_fsync_thread(
         real_fsync(fd)
 
     async def scenario() -> None:
-        node = open_node(tmp_path, wal_segment_bytes=4096)
+        node = open_node(tmp_path, wal_segment_bytes=4096, repl_backlog_bytes=4096)
         node.start()
         monkeypatch.setattr(os, "fsync", fsync)
         for round_ in range(4):
@@ -130,3 +131,4 @@ def test_file_set_changes_run_on_the_fsync_thread(
         directory_fsyncs
     )
     assert recover(tmp_path).store.get("k59") == (b"3" * 100, 240)
+    assert segment_revision(list_segments(tmp_path / "wal")[0]) > 1  # purges did happen

@@ -1,0 +1,1 @@
+"""Asynchronous primary -> replica replication (see README, "Replication")."""

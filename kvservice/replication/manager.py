@@ -1,0 +1,240 @@
+"""The node's replication role and the parts that play it.
+
+One object per node: the persisted replication state, the role, and either
+the primary's senders (one per replica) or the replica's side. The API layer
+(replication service, admin RPCs, readiness, write guarantees) asks it;
+nothing below the node knows it exists.
+
+Roles change at run time: Promote makes a replica a primary (new history,
+epoch + 1, the old history remembered for partial resyncs); ReplicaOf makes
+any node follow a primary. Both persist the new role before acting on it. A
+primary that meets a higher epoch (a replica's answer) is fenced: it stops
+taking writes at once and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, replace
+
+from kvservice.config import Settings
+from kvservice.errors import NotEnoughReplicas, ReplicationRefused
+from kvservice.node import Node
+from kvservice.replication.primary import Sender
+from kvservice.replication.replica import LinkView, Rebuild, ReplicaSide
+from kvservice.replication.state import ReplicationState, new_id, save_state
+
+log = logging.getLogger("kvservice.replication")
+
+
+@dataclass(frozen=True)
+class SenderView:
+    url: str
+    state: str
+    connected: bool
+    acked_revision: int
+    lag_revisions: int
+    lag_seconds: float
+    last_error: str
+    full_resyncs: int
+    partial_resyncs: int
+    retries: int
+
+
+class ReplicationManager:
+    def __init__(
+        self, settings: Settings, state: ReplicationState, node: Node, rebuild: Rebuild
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.node = node
+        # A role set at run time (Promote, ReplicaOf) wins over the configured one.
+        self.role = state.role or settings.role
+        self.primary_url = state.primary_url or settings.primary_url or ""
+        self.senders: dict[str, Sender] = {}
+        self.replica: ReplicaSide | None = None
+        self.fenced = ""
+        self.force_next_sync = False
+        self._rebuild = rebuild
+        self._ack_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._set_node_role()
+
+    def _set_node_role(self) -> None:
+        self.node.role = self.role
+        self.node.primary_url = self.primary_url or None
+
+    async def start(self) -> None:
+        if self.role == "primary":
+            if not self.state.replication_id:
+                # A primary's first start makes its history.
+                await self.save(self.state.with_history(new_id(), self.state.epoch))
+                log.info("new replication history",
+                         extra={"replication_id": self.state.replication_id})  # fmt: skip
+            for url in self.settings.replicas:
+                self.add_replica(url)
+        else:
+            self.replica = ReplicaSide(self, self.node, self._rebuild, self.primary_url or None)
+            self.replica.start()
+
+    async def close(self) -> None:
+        await self._stop_parts()
+        for _, _, future in self._ack_waiters:
+            if not future.done():
+                future.cancel()
+
+    async def _stop_parts(self) -> None:
+        senders, self.senders = list(self.senders.values()), {}
+        await asyncio.gather(*(sender.close() for sender in senders))
+        if self.replica is not None:
+            replica, self.replica = self.replica, None
+            await replica.close()
+
+    async def save(self, state: ReplicationState) -> None:
+        """Persist the state durably, then use it."""
+        await asyncio.to_thread(save_state, self.settings.data_dir, state)
+        self.state = state
+
+    # -- roles ----------------------------------------------------------------------
+
+    async def promote(self) -> ReplicationState:
+        """Replica -> primary: a new history that continues this node's (epoch + 1)."""
+        if self.role == "primary":
+            if self.fenced:
+                # Its epoch + 1 could equal the newer primary's: two primaries.
+                raise ReplicationRefused(
+                    f"{self.fenced}; point this node at the new primary (replicaof) instead"
+                )
+            return self.state
+        await self._stop_parts()
+        state = self.state
+        promoted = replace(
+            state, replication_id=new_id(), epoch=state.epoch + 1,
+            prev_replication_id=state.replication_id,
+            prev_end_revision=self.node.store.revision, role="primary", primary_url="",
+        )  # fmt: skip
+        await self.save(promoted)  # before the first write it accepts
+        self.role, self.primary_url, self.fenced = "primary", "", ""
+        self._set_node_role()
+        log.warning(
+            "promoted to primary",
+            extra={"replication_id": promoted.replication_id, "epoch": promoted.epoch,
+                   "prev_replication_id": promoted.prev_replication_id,
+                   "prev_end_revision": promoted.prev_end_revision},
+        )  # fmt: skip
+        for url in self.settings.replicas:
+            self.add_replica(url)
+        return promoted
+
+    async def replica_of(self, primary_url: str, *, force: bool) -> str:
+        """Follow `primary_url` from now on; return the role this node had."""
+        previous = self.role
+        await self._stop_parts()
+        await self.save(replace(self.state, role="replica", primary_url=primary_url))
+        self.role, self.primary_url, self.fenced = "replica", primary_url, ""
+        self.force_next_sync = force
+        self._set_node_role()
+        log.warning("now a replica", extra={"primary": primary_url, "was": previous,
+                                            "force": force})  # fmt: skip
+        self.replica = ReplicaSide(self, self.node, self._rebuild, primary_url)
+        self.replica.start()
+        return previous
+
+    def fence(self, epoch: int, newer_primary: str) -> None:
+        """A higher epoch exists: this primary stops taking writes at once."""
+        if self.role != "primary" or epoch <= self.state.epoch or self.fenced:
+            return
+        where = f" at {newer_primary}" if newer_primary else ""
+        self.fenced = (
+            f"fenced: a newer primary{where} (epoch {epoch} > {self.state.epoch}) exists;"
+            " this node takes no writes (see docs/runbook.md, 'Fenced primary')"
+        )
+        self.node.role = "fenced"
+        self.node.primary_url = newer_primary or None
+        log.critical("fenced by a higher epoch", extra={"epoch": epoch, "primary": newer_primary})
+
+    def add_replica(self, url: str) -> bool:
+        """Start pushing to `url` (configured, or a replica that announced itself)."""
+        url = url.rstrip("/")
+        if url in self.senders:
+            self.senders[url].wake()
+            return False
+        if self.role != "primary" or self.fenced or url == self.settings.own_url:
+            return False
+        sender = Sender(self, self.node, url)
+        self.senders[url] = sender
+        sender.start()
+        log.info("replica added", extra={"replica": url})
+        return True
+
+    # -- write guarantees -------------------------------------------------------------
+
+    def check_min_replicas(self) -> None:
+        """min_replicas: refuse a write while too few replicas are healthy."""
+        wanted = self.settings.min_replicas
+        if wanted == 0 or self.role != "primary":
+            return
+        max_lag = self.settings.min_replicas_max_lag_seconds
+        healthy = sum(
+            1 for s in self.senders.values() if s.connected and s.lag_seconds() <= max_lag
+        )
+        if healthy < wanted:
+            raise NotEnoughReplicas(
+                f"{healthy} healthy replicas, min_replicas is {wanted} (a replica is healthy"
+                f" when connected and less than {max_lag} s behind): this primary takes no"
+                " writes that could be lost with it"
+            )
+
+    def acked_by(self, revision: int) -> int:
+        return sum(1 for s in self.senders.values() if s.acked >= revision)
+
+    async def wait_for_replicas(self, revision: int, count: int, seconds: float) -> int:
+        """Wait until `count` replicas made `revision` durable; return how many did."""
+        if self.acked_by(revision) >= count:
+            return self.acked_by(revision)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter = (revision, count, future)
+        self._ack_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            self._ack_waiters.remove(waiter)
+        return self.acked_by(revision)
+
+    def note_ack(self) -> None:
+        """A sender's acknowledged revision moved: wake the writes it satisfies."""
+        for revision, count, future in self._ack_waiters:
+            if not future.done() and self.acked_by(revision) >= count:
+                future.set_result(None)
+
+    # -- status -----------------------------------------------------------------------
+
+    def sender_views(self) -> list[SenderView]:
+        return [
+            SenderView(
+                url=s.url,
+                state=s.state,
+                connected=s.connected,
+                acked_revision=s.acked,
+                lag_revisions=s.lag_revisions(),
+                lag_seconds=round(s.lag_seconds(), 3),
+                last_error=s.last_error,
+                full_resyncs=s.full_resyncs,
+                partial_resyncs=s.partial_resyncs,
+                retries=s.retries,
+            )
+            for s in self.senders.values()
+        ]
+
+    def link_view(self) -> LinkView | None:
+        return self.replica.view() if self.replica is not None else None
+
+    def not_ready(self) -> str | None:
+        """Why this node should not take traffic for its role (None when it should)."""
+        if self.fenced:
+            return self.fenced
+        if self.replica is not None:
+            return self.replica.readiness()
+        return None

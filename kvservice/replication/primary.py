@@ -1,0 +1,382 @@
+"""A primary's half of replication: one sender per replica.
+
+Each sender runs on its own, with its own position, so a slow or dead replica
+never slows the primary's writes or the other replicas: writes only stage
+entries in the commit feed, and a sender that falls behind its bounded feed
+buffer goes back to reading the WAL backlog.
+
+A session: probe the replica (an empty push answers its history and
+position) -> partial resync from the backlog when the history matches and
+the WAL still reaches back, else a full resync (the newest snapshot file,
+streamed in pieces, then the entries after it) -> stream live entries from
+the commit feed, with a heartbeat push when idle. While a session runs, the
+replica holds the WAL it still needs (retention), so a transfer under load
+completes in one attempt. Failures are retried with tenacity: exponential
+backoff with jitter, capped at repl_retry_max_seconds, reset once a session
+made progress; every retry is logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from connectrpc.errors import ConnectError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    wait_exponential_jitter,
+)
+
+from kvservice.errors import Compacted, FeedOverflow, ShuttingDown
+from kvservice.feed import Committed, Subscription
+from kvservice.storage.backlog import BacklogReader
+from kvservice.storage.segments import data_dirs, list_snapshots
+from kvservice.v1.replication_connect import ReplicationClient
+from kvservice.v1.replication_pb2 import (
+    InstallSnapshotRequest,
+    PrimaryInfo,
+    PushRequest,
+    PushResponse,
+    PushResult,
+)
+
+if TYPE_CHECKING:
+    from kvservice.node import Node
+    from kvservice.replication.manager import ReplicationManager
+
+log = logging.getLogger("kvservice.primary")
+
+# Pushes are small and quick; a snapshot's last piece makes the replica load it.
+PUSH_TIMEOUT_MS = 10_000
+INSTALL_TIMEOUT_MS = 600_000
+
+
+class LinkError(Exception):
+    """The session with a replica ended; the sender reconnects (with backoff)."""
+
+
+class Sender:
+    """Keeps one replica up to date."""
+
+    def __init__(self, manager: ReplicationManager, node: Node, url: str) -> None:
+        self.manager = manager
+        self.node = node
+        self.url = url
+        settings = manager.settings
+        self.batch_entries = settings.repl_batch_max_entries
+        self.batch_bytes = settings.repl_batch_max_bytes
+        self.heartbeat = settings.repl_heartbeat_seconds
+        self.retry_max = settings.repl_retry_max_seconds
+        self.state = "connecting"
+        self.position = 0  # the replica's last applied revision, as last reported
+        self.acked = 0  # the replica's durable revision, as last reported
+        self.last_error = ""
+        self.full_resyncs = 0
+        self.partial_resyncs = 0
+        self.retries = 0
+        self.connected = False
+        self._behind_since: float | None = None
+        self._progressed = False
+        self._wake = asyncio.Event()
+        self._client = ReplicationClient(url, timeout_ms=PUSH_TIMEOUT_MS, send_compression=None)
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"sender {self.url}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._release()
+        await self._client.close()
+
+    async def _run(self) -> None:
+        while True:
+            self._progressed = False
+            retrying = AsyncRetrying(
+                wait=wait_exponential_jitter(initial=0.05, max=self.retry_max, jitter=0.2),
+                retry=retry_if_exception_type((LinkError, ConnectError, OSError, Compacted)),
+                before_sleep=self._before_retry,
+                sleep=self._backoff,
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._session_until_progress_lost()
+            except ShuttingDown:
+                return
+            except Exception as exc:  # a bug: log it, keep the sender alive
+                log.exception("replica sender crashed", extra={"replica": self.url})
+                self._fail(f"internal error: {exc!r}")
+                await asyncio.sleep(self.retry_max)
+
+    async def _session_until_progress_lost(self) -> None:
+        """One session; a failure after the session got going returns (reconnect at
+        once with fresh backoff) instead of raising (backoff grows)."""
+        try:
+            await self._session()
+        except (LinkError, ConnectError, OSError, Compacted) as exc:
+            self._fail(_describe(exc))
+            if not self._progressed:
+                raise
+            log.warning("replica link lost; reconnecting",
+                        extra={"replica": self.url, "error": self.last_error})  # fmt: skip
+        finally:
+            self._release()
+
+    def wake(self) -> None:
+        """The replica announced itself: retry now instead of at the end of the backoff."""
+        self._wake.set()
+
+    async def _backoff(self, seconds: float) -> None:
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def _before_retry(self, retry: RetryCallState) -> None:
+        self.retries += 1
+        wait = retry.next_action.sleep if retry.next_action is not None else 0.0
+        log.warning(
+            "replica unreachable; retrying",
+            extra={"replica": self.url, "attempt": retry.attempt_number,
+                   "retry_in_seconds": round(wait, 3), "error": self.last_error},
+        )  # fmt: skip
+
+    def _fail(self, reason: str) -> None:
+        if reason != self.last_error:  # retries of the same failure are logged by _before_retry
+            log.warning("replica link failed", extra={"replica": self.url, "reason": reason})
+        self.last_error = reason
+        self.connected = False
+        self.state = "failed"
+
+    # -- a session ------------------------------------------------------------------
+
+    async def _session(self) -> None:
+        self._set_state("connecting")
+        probe = await self._push(self.position, [])
+        self.connected = True
+        if probe.result == PushResult.PUSH_RESULT_REFUSED:
+            raise LinkError(f"the replica refused: {probe.message}")
+        same = self._same_history(probe)
+        if same and probe.revision > self.node.wal.durable_revision:
+            raise LinkError(
+                f"the replica is at revision {probe.revision}, ahead of this primary's"
+                f" {self.node.wal.durable_revision} in the same history: not overwriting it"
+                " (see docs/runbook.md, 'Replica ahead of its primary')"
+            )
+        self.position = probe.revision
+        self._hold(lambda: self.position)
+        reader = await self._open_backlog(self.position) if same else None
+        if reader is None:
+            self.full_resyncs += 1
+            self._set_state("full-sync")
+            revision = await self._full_resync()
+            self.position = revision
+            self._hold(lambda: self.position)
+            reader = await self._open_backlog(revision)
+            if reader is None:
+                raise LinkError(f"the WAL after snapshot revision {revision} is gone")
+        else:
+            self.partial_resyncs += 1
+            log.info("partial resync", extra={"replica": self.url, "from_revision": self.position})
+        self._set_state("streaming")
+        self._progressed = True
+        await self._stream(reader)
+
+    def _same_history(self, probe: PushResponse) -> bool:
+        state = self.manager.state
+        if probe.replication_id == state.replication_id:
+            return True
+        if probe.replication_id and probe.replication_id == state.prev_replication_id:
+            return probe.revision <= state.prev_end_revision  # ours continues theirs
+        return not probe.replication_id and probe.revision == 0
+
+    async def _open_backlog(self, after: int) -> BacklogReader | None:
+        wal_dir = self.node.wal.dir
+        try:
+            return await asyncio.to_thread(BacklogReader, wal_dir, after)
+        except Compacted as exc:
+            log.info("backlog does not reach back: full resync",
+                     extra={"replica": self.url, "reason": str(exc)})  # fmt: skip
+            return None
+
+    async def _stream(self, reader: BacklogReader) -> None:
+        """Catch up from the backlog, then follow the feed; back to the backlog on overflow."""
+        while True:
+            subscription = self.node.feed.subscribe(
+                max_entries=max(4 * self.batch_entries, 10_000), max_bytes=4 * (64 << 20)
+            )
+            try:
+                with reader:
+                    await self._catch_up(reader, subscription.start)
+                await self._follow(subscription)
+            except FeedOverflow:
+                log.info("replica fell behind the feed; reading the backlog",
+                         extra={"replica": self.url, "revision": self.position})  # fmt: skip
+                reader = await asyncio.to_thread(BacklogReader, self.node.wal.dir, self.position)
+            finally:
+                subscription.close()
+
+    async def _catch_up(self, reader: BacklogReader, until: int) -> None:
+        if self.position < until and self._behind_since is None:
+            self._behind_since = time.monotonic()
+        while self.position < until:
+            batch = await asyncio.to_thread(
+                reader.read, until, max_entries=self.batch_entries, max_bytes=self.batch_bytes
+            )
+            if not batch:
+                raise LinkError(f"the WAL ends before revision {until}")
+            await self._send(batch)
+
+    async def _follow(self, subscription: Subscription) -> None:
+        while True:
+            try:
+                batch = await asyncio.wait_for(
+                    subscription.get(self.batch_entries), timeout=self.heartbeat
+                )
+            except TimeoutError:
+                batch = []
+            if batch and self._behind_since is None:
+                self._behind_since = time.monotonic()
+            for part in _by_bytes(batch, self.batch_bytes) if batch else [[]]:
+                await self._send(part)
+
+    async def _send(self, batch: list[Committed]) -> None:
+        reply = await self._push(self.position, [item.record for item in batch])
+        if reply.result == PushResult.PUSH_RESULT_OK:
+            self.position = reply.revision
+            if self.acked >= self.node.wal.durable_revision:
+                self._behind_since = None
+            return
+        if reply.result == PushResult.PUSH_RESULT_POSITION_MISMATCH:
+            self.position = reply.revision
+            raise LinkError(f"position mismatch: the replica is at {reply.revision}")
+        if reply.result == PushResult.PUSH_RESULT_HISTORY_MISMATCH:
+            raise LinkError(f"history mismatch: {reply.message}")
+        raise LinkError(f"the replica refused: {reply.message}")
+
+    async def _push(self, prev_revision: int, records: list[bytes]) -> PushResponse:
+        reply = await self._client.push(
+            PushRequest(primary=self._info(), prev_revision=prev_revision, records=records)
+        )
+        if reply.epoch > self.manager.state.epoch:
+            # A newer primary exists: stop taking writes at once (fencing).
+            self.manager.fence(reply.epoch, reply.primary_url)
+            raise ShuttingDown(f"fenced by epoch {reply.epoch}")
+        if reply.result == PushResult.PUSH_RESULT_OK and reply.durable_revision > self.acked:
+            # (Only an answer in our history counts: another's revisions mean nothing here.)
+            self.acked = reply.durable_revision
+            self.manager.note_ack()
+        return reply
+
+    def _info(self) -> PrimaryInfo:
+        state = self.manager.state
+        return PrimaryInfo(
+            url=self.manager.settings.own_url, node_id=state.node_id,
+            replication_id=state.replication_id, epoch=state.epoch,
+            durable_revision=self.node.wal.durable_revision,
+            sent_unix_ms=int(time.time() * 1000),
+            prev_replication_id=state.prev_replication_id,
+            prev_end_revision=state.prev_end_revision,
+        )  # fmt: skip
+
+    # -- full resync ----------------------------------------------------------------
+
+    async def _full_resync(self) -> int:
+        """Stream the newest snapshot file; return its revision."""
+        snap_dir = data_dirs(self.manager.settings.data_dir)[1]
+        if not list_snapshots(snap_dir):
+            await self.node.snapshot()
+        revision, path = list_snapshots(snap_dir)[0]
+        self._hold(lambda: revision)  # the WAL after it stays until the replica has it
+        # Opened now: a snapshot pruned meanwhile stays readable through the descriptor.
+        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        transfer = uuid.uuid4().hex
+        started = time.monotonic()
+        log.info("full resync", extra={"replica": self.url, "revision": revision})
+        offset = 0
+        try:
+            while True:
+                data = await asyncio.to_thread(os.read, fd, self.batch_bytes)
+                done = not data
+                reply = await self._client.install_snapshot(
+                    InstallSnapshotRequest(
+                        primary=self._info(), transfer_id=transfer, revision=revision,
+                        offset=offset, data=data, done=done,
+                    ),
+                    timeout_ms=INSTALL_TIMEOUT_MS if done else PUSH_TIMEOUT_MS,
+                )  # fmt: skip
+                offset += len(data)
+                if reply.next_offset != offset:
+                    raise LinkError(f"snapshot transfer out of step at byte {offset}")
+                if done:
+                    break
+        finally:
+            os.close(fd)
+        self.position = self.acked = reply.revision
+        self.manager.note_ack()
+        log.info(
+            "full resync done",
+            extra={"replica": self.url, "revision": revision, "bytes": offset,
+                   "seconds": round(time.monotonic() - started, 3)},
+        )  # fmt: skip
+        return revision
+
+    # -- retention, state, status ----------------------------------------------------
+
+    def _hold(self, revision: Callable[[], int]) -> None:
+        self.node.snapshotter.retention.hold(self._hold_name, revision)
+
+    def _release(self) -> None:
+        self.node.snapshotter.retention.release(self._hold_name)
+
+    @property
+    def _hold_name(self) -> str:
+        return f"replica {self.url}"
+
+    def _set_state(self, state: str) -> None:
+        if state != self.state:
+            log.info("replica link state", extra={"replica": self.url, "state": state,
+                                                  "was": self.state})  # fmt: skip
+            self.state = state
+
+    def lag_revisions(self) -> int:
+        return max(0, self.node.wal.durable_revision - self.acked)
+
+    def lag_seconds(self) -> float:
+        if self.lag_revisions() == 0:
+            return 0.0
+        since = self._behind_since
+        return time.monotonic() - since if since is not None else 0.0
+
+
+def _by_bytes(batch: list[Committed], limit: int) -> list[list[Committed]]:
+    """Split a batch so each part's records stay within `limit` bytes (one entry at least)."""
+    parts: list[list[Committed]] = [[]]
+    size = 0
+    for item in batch:
+        if parts[-1] and size + len(item.record) > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(item)
+        size += len(item.record)
+    return parts
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectError):
+        return f"{exc.code.name.lower()}: {exc.message}"
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,387 @@
+"""A replica's half of replication: apply pushes, install snapshots, announce itself.
+
+Pushes are applied one at a time (a lock): entries must continue this node's
+log exactly — same history (replication id), `prev_revision` equal to the
+last applied revision — or nothing is applied and the answer says where the
+replica is, so a duplicate or reordered batch is never applied twice. Applied
+entries go to the replica's own WAL with the primary's revisions and are
+acknowledged once durable per the replica's own fsync policy.
+
+A full resync streams a snapshot file in pieces into `resync/`; the replica
+keeps serving its old data until the file is complete, verified and staged,
+then switches (storage/install.py) in one step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from connectrpc.errors import ConnectError
+
+from kvservice.engine import Store
+from kvservice.errors import Compacted, ReplicationRefused, RevisionGap
+from kvservice.storage.backlog import BacklogReader
+from kvservice.storage.files import create_atomically
+from kvservice.storage.install import Incoming, discard_install, finish_install, stage_install
+from kvservice.storage.snapshot import LoadedSnapshot, load_snapshot
+from kvservice.v1.replication_connect import ReplicationClient
+from kvservice.v1.replication_pb2 import (
+    AnnounceRequest,
+    InstallSnapshotRequest,
+    InstallSnapshotResponse,
+    PrimaryInfo,
+    PushRequest,
+    PushResponse,
+    PushResult,
+)
+
+if TYPE_CHECKING:
+    from kvservice.node import Node
+    from kvservice.replication.manager import ReplicationManager
+
+log = logging.getLogger("kvservice.replica")
+DIVERGED_DIR = "diverged"
+
+# Give the node a new WAL, feed and snapshotter around an installed store, started.
+Rebuild = Callable[[Store], None]
+
+
+@dataclass
+class LinkView:
+    state: str
+    primary_url: str
+    last_contact_seconds: float
+    lag_seconds: float
+    primary_revision: int
+    last_error: str
+
+
+class ReplicaSide:
+    """Applies what the primary sends; knows how fresh this replica is."""
+
+    def __init__(
+        self, manager: ReplicationManager, node: Node, rebuild: Rebuild, primary_url: str | None
+    ) -> None:
+        self.manager = manager
+        self.node = node
+        self.rebuild = rebuild
+        self.settings = manager.settings
+        self.configured_primary = primary_url
+        # The URL the primary advertises itself by (its answer to Announce): it may
+        # spell the same node differently from primary_url (localhost, a DNS name).
+        self.advertised_primary = ""
+        self.primary_url = self.configured_primary or ""
+        self.state = "unlinked"
+        self.last_contact: float | None = None  # monotonic
+        self.caught_up_at: float | None = None  # monotonic; None while never caught up
+        self.primary_revision = 0
+        self.last_error = ""
+        self._lock = asyncio.Lock()
+        self._incoming: Incoming | None = None
+        self._announcer: asyncio.Task[None] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.node.primary_url = self.primary_url or None
+        if self.configured_primary:
+            self._announcer = asyncio.create_task(self._announce_loop(), name="announce")
+
+    async def close(self) -> None:
+        if self._announcer is not None:
+            self._announcer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._announcer
+        if self._incoming is not None:
+            self._incoming.close()
+            self._incoming = None
+
+    # -- pushes -------------------------------------------------------------------
+
+    async def push(self, request: PushRequest) -> PushResponse:
+        async with self._lock:
+            refusal = self._refusal(request.primary)
+            if refusal:
+                return self._answer(PushResult.PUSH_RESULT_REFUSED, refusal)
+            self._heard_from(request.primary)
+            if not self._same_history(request.primary):
+                await self._save_diverged(request.primary)
+                return self._answer(
+                    PushResult.PUSH_RESULT_HISTORY_MISMATCH,
+                    f"this replica is in history {self.manager.state.replication_id or '(none)'}"
+                    f" at revision {self.node.store.revision}; a full resync is needed",
+                )
+            if request.prev_revision != self.node.store.revision:
+                return self._answer(
+                    PushResult.PUSH_RESULT_POSITION_MISMATCH,
+                    f"this replica is at revision {self.node.store.revision},"
+                    f" not {request.prev_revision}",
+                )
+            await self._adopt(request.primary)
+            if request.records:
+                try:
+                    self.node.apply_replicated(list(request.records))
+                except (RevisionGap, ReplicationRefused) as exc:
+                    return self._answer(PushResult.PUSH_RESULT_REFUSED, str(exc))
+                await self.node.wal.sync()
+            self._note_position()
+            self.state = "streaming"
+            self.last_error = ""
+            return self._answer(PushResult.PUSH_RESULT_OK, "")
+
+    def _answer(self, result: PushResult, message: str) -> PushResponse:
+        if message and result != PushResult.PUSH_RESULT_POSITION_MISMATCH:
+            self.last_error = message
+            log.warning("replication push not applied", extra={"reason": message})
+        state = self.manager.state
+        return PushResponse(
+            result=result, revision=self.node.store.revision,
+            durable_revision=self.node.wal.durable_revision,
+            replication_id=state.replication_id, epoch=state.epoch, node_id=state.node_id,
+            message=message, primary_url=self.primary_url,
+        )  # fmt: skip
+
+    def _refusal(self, primary: PrimaryInfo) -> str:
+        if self.manager.role != "replica":
+            return "this node is a primary, not a replica"
+        if primary.epoch < self.manager.state.epoch and not self.manager.force_next_sync:
+            return (
+                f"the pushing primary's epoch {primary.epoch} is lower than this replica's"
+                f" {self.manager.state.epoch}: it is not the current primary"
+            )
+        followed = {self.configured_primary, self.advertised_primary}
+        if self.configured_primary and primary.url and primary.url not in followed:
+            return (
+                f"this replica follows {self.configured_primary}, not {primary.url}"
+                " (change primary_url to move it)"
+            )
+        return ""
+
+    def _same_history(self, primary: PrimaryInfo) -> bool:
+        mine = self.manager.state.replication_id
+        if mine == primary.replication_id:
+            return True
+        if mine and mine == primary.prev_replication_id:
+            # The primary's history continues ours (it was promoted): up to the
+            # fork point they are the same.
+            return self.node.store.revision <= primary.prev_end_revision
+        # A node with no history yet joins any (nothing of its own to lose).
+        return not mine and self.node.store.revision == 0
+
+    async def _save_diverged(self, primary: PrimaryInfo) -> None:
+        """Entries this node holds past the point where the new primary's history
+        forked from ours were never received by it: keep them in diverged/ (the
+        full resync that follows replaces them) and say how many."""
+        mine = self.manager.state.replication_id
+        fork = primary.prev_end_revision
+        if not mine or mine != primary.prev_replication_id or self.node.store.revision <= fork:
+            return
+        path, count = await asyncio.to_thread(
+            save_diverged, self.node.wal.dir, self.settings.data_dir, fork,
+            self.node.store.revision,
+        )  # fmt: skip
+        log.error(
+            "entries the new primary never received were moved aside",
+            extra={"count": count, "after_revision": fork, "path": str(path),
+                   "expected": self.node.store.revision - fork},
+        )  # fmt: skip
+
+    async def _adopt(self, primary: PrimaryInfo) -> None:
+        state = self.manager.state
+        if state.replication_id != primary.replication_id or state.epoch != primary.epoch:
+            await self.manager.save(state.with_history(primary.replication_id, primary.epoch))
+            log.info(
+                "replica joined the primary's history",
+                extra={"replication_id": primary.replication_id, "epoch": primary.epoch},
+            )
+
+    def _heard_from(self, primary: PrimaryInfo) -> None:
+        self.last_contact = time.monotonic()
+        self.primary_revision = primary.durable_revision
+        if primary.url and primary.url != self.primary_url:
+            self.primary_url = primary.url
+            self.node.primary_url = self.configured_primary or primary.url
+        if self.state == "unlinked":
+            log.info("linked to the primary", extra={"primary": primary.url})
+            self.state = "connecting"
+
+    def _note_position(self) -> None:
+        if self.node.store.revision >= self.primary_revision:
+            self.caught_up_at = time.monotonic()
+
+    # -- full resync ----------------------------------------------------------------
+
+    async def install(self, request: InstallSnapshotRequest) -> InstallSnapshotResponse:
+        async with self._lock:
+            refusal = self._refusal(request.primary)
+            if refusal:
+                self.last_error = refusal
+                raise ReplicationRefused(refusal)
+            self._heard_from(request.primary)
+            data_dir = self.settings.data_dir
+            if request.offset == 0:
+                if self._incoming is not None:
+                    self._incoming.close()
+                self._incoming = await asyncio.to_thread(Incoming, data_dir, request.transfer_id)
+                self.state = "full-sync"
+                log.info(
+                    "full resync started",
+                    extra={"primary": request.primary.url, "revision": request.revision},
+                )
+            incoming = self._incoming
+            self.manager.force_next_sync = False
+            if incoming is None or incoming.transfer_id != request.transfer_id:
+                raise ReplicationRefused("no such snapshot transfer here; start again at offset 0")
+            if request.offset != incoming.size:
+                return InstallSnapshotResponse(next_offset=incoming.size)
+            if request.data:
+                await asyncio.to_thread(incoming.write, request.data)
+            if not request.done:
+                return InstallSnapshotResponse(next_offset=incoming.size)
+            self._incoming = None
+            try:
+                await self._switch(incoming, request)
+            except BaseException:
+                await asyncio.to_thread(discard_install, data_dir)
+                self.state = "unlinked"
+                raise
+            return InstallSnapshotResponse(
+                next_offset=incoming.size, revision=self.node.store.revision
+            )
+
+    async def _switch(self, incoming: Incoming, request: InstallSnapshotRequest) -> None:
+        """Verify the received snapshot, stage it, and switch the node to it."""
+        data_dir = self.settings.data_dir
+        path = await asyncio.to_thread(incoming.finish)
+        started = time.monotonic()
+        snapshot = await asyncio.to_thread(load_snapshot_as, path, request.revision)
+        await asyncio.to_thread(stage_install, data_dir, path, snapshot.revision)
+        # The new history is recorded once staged: a crash from here on finishes
+        # the install at the next start, so state and data always agree.
+        state = self.manager.state
+        await self.manager.save(
+            state.with_history(request.primary.replication_id, request.primary.epoch)
+        )
+        node = self.node
+        await node.snapshotter.close()
+        await node.wal.close()
+        await asyncio.to_thread(finish_install, data_dir)
+        store = Store()
+        store.load(snapshot.data, snapshot.revision)
+        self.rebuild(store)
+        self._note_position()
+        self.state = "streaming"
+        log.info(
+            "full resync installed",
+            extra={"revision": snapshot.revision, "keys": len(store),
+                   "load_seconds": round(time.monotonic() - started, 3)},
+        )  # fmt: skip
+
+    # -- announcing -------------------------------------------------------------------
+
+    async def _announce_loop(self) -> None:
+        """Until the primary pushes (heartbeats at least every repl_heartbeat_seconds),
+        ask it to: so a replica joins with no change to the primary's config."""
+        primary = self.configured_primary
+        assert primary is not None
+        quiet_after = max(3 * self.settings.repl_heartbeat_seconds, 1.0)
+        async with ReplicationClient(primary, timeout_ms=5000) as client:
+            while True:
+                silent = self.last_contact is None or (
+                    time.monotonic() - self.last_contact > quiet_after
+                )
+                if silent:
+                    try:
+                        reply = await client.announce(
+                            AnnounceRequest(
+                                replica_url=self.settings.own_url,
+                                node_id=self.manager.state.node_id,
+                            )
+                        )
+                        self.advertised_primary = reply.primary_url
+                    except (ConnectError, OSError) as exc:
+                        self.last_error = f"announcing to {primary} failed: {exc}"
+                        log.warning("announce failed", extra={"primary": primary,
+                                                               "error": str(exc)})  # fmt: skip
+                await asyncio.sleep(1.0)
+
+    # -- status -------------------------------------------------------------------------
+
+    def view(self) -> LinkView:
+        now = time.monotonic()
+        contact = now - self.last_contact if self.last_contact is not None else -1.0
+        return LinkView(
+            state=self.linked_state(now), primary_url=self.primary_url,
+            last_contact_seconds=round(contact, 3), lag_seconds=round(self.lag_seconds(now), 3),
+            primary_revision=self.primary_revision, last_error=self.last_error,
+        )  # fmt: skip
+
+    def linked_state(self, now: float) -> str:
+        if self.state == "full-sync":
+            return "full-sync"
+        if (
+            self.last_contact is None
+            or now - self.last_contact > self.settings.replica_max_lag_seconds
+        ):
+            return "unlinked"
+        return "streaming" if self.state == "streaming" else "unlinked"
+
+    def lag_seconds(self, now: float) -> float:
+        """0 when caught up with what the primary last reported; else since last caught up."""
+        if self.node.store.revision >= self.primary_revision and self.caught_up_at is not None:
+            silence = now - self.last_contact if self.last_contact is not None else 0.0
+            return max(0.0, silence - self.settings.repl_heartbeat_seconds)
+        since = self.caught_up_at if self.caught_up_at is not None else self.last_contact
+        return now - since if since is not None else 0.0
+
+    def readiness(self) -> str | None:
+        """Why this replica is not ready (None when it is)."""
+        now = time.monotonic()
+        state = self.linked_state(now)
+        if state == "full-sync":
+            return "full resync in progress"
+        if state != "streaming":
+            heard = (
+                "never heard from"
+                if self.last_contact is None
+                else f"not heard from for {now - self.last_contact:.1f} s"
+            )
+            return f"not linked to the primary ({self.primary_url or 'unknown'}: {heard})"
+        lag = self.lag_seconds(now)
+        if lag > self.settings.replica_max_lag_seconds:
+            return f"lagging {lag:.1f} s behind the primary (replica_max_lag_seconds)"
+        return None
+
+
+def save_diverged(wal_dir: Path, data_dir: Path, fork: int, last: int) -> tuple[Path, int]:
+    """Copy the WAL records after `fork` to `<data-dir>/diverged/`; return (file, count)."""
+    target = data_dir / DIVERGED_DIR
+    target.mkdir(exist_ok=True)
+    path = target / f"{fork + 1:016x}-{last:016x}-{int(time.time())}.wal"
+    records: list[bytes] = []
+    try:
+        with BacklogReader(wal_dir, fork) as reader:
+            while batch := reader.read(last):
+                records += [item.record for item in batch]
+    except Compacted as exc:
+        # A snapshot since the fork purged them: only the snapshot holds them now.
+        log.error("diverged entries no longer in the WAL", extra={"error": str(exc)})
+    create_atomically(path, records)
+    return path, len(records)
+
+
+def load_snapshot_as(path: Path, revision: int) -> LoadedSnapshot:
+    """Load (verifying every record) a received snapshot that must hold `revision`."""
+    snapshot = load_snapshot(path, check_name=False)
+    if snapshot.revision != revision:
+        raise ReplicationRefused(
+            f"the snapshot holds revision {snapshot.revision}, the primary said {revision}"
+        )
+    return snapshot
