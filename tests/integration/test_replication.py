@@ -322,6 +322,20 @@ def test_primary_restart_replicas_resume_by_partial_resync(cluster: Cluster, how
         assert (entry.full_resyncs, entry.state) == (0, "streaming")
 
 
+def test_primary_sigterm_with_a_push_in_flight_exits_cleanly(cluster: Cluster) -> None:
+    """SIGTERM while a push hangs on a stalled link to a replica: the primary still shuts
+    down (its sender stops instead of retrying) and exits 0."""
+    primary, (replica,) = cluster.primary_with_replicas(1)
+    assert replica.proxy is not None
+    replica.proxy.stall()
+    with primary.client() as client:
+        client.set(SetRequest(key="k", value=b"v"))
+    time.sleep(0.5)  # a push (or heartbeat) now waits on the stalled link
+    started = time.monotonic()
+    primary.stop()
+    print(f"the primary exited {time.monotonic() - started:.1f}s after SIGTERM")
+
+
 # -- 5. backlog exhausted -----------------------------------------------------------------
 
 
