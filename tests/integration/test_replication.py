@@ -242,8 +242,11 @@ def test_link_fault_under_load_heals_by_partial_resync(cluster: Cluster, fault: 
 
 def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) -> None:
     """SIGKILL a replica under load and restart it, three times: it keeps what it
-    acknowledged, resumes with partial resyncs, and its WAL holds every revision once."""
-    primary, (replica,) = cluster.primary_with_replicas(1)
+    acknowledged, resumes with partial resyncs, and its WAL holds every revision once.
+    Small segments and snapshot thresholds on both nodes: rotations, snapshots and purges
+    race the kills, and the primary's WAL retention must keep what the replica needs."""
+    small = ("--wal-segment-bytes", "4096", "--snapshot-threshold-bytes", "16384")
+    primary, (replica,) = cluster.primary_with_replicas(1, small, small)
     full_before, partial_before = full_and_partial(primary, replica)
     identity = replica.status()
 
