@@ -554,7 +554,7 @@ def test_unlinked_replica_not_ready_serves_reads_and_refuses_future_revisions(
     """Primary gone: /readyz 503 with a reason, plain Gets still served, a Get for a
     revision not yet applied is unavailable; ready again once the primary is back."""
     primary, (replica,) = cluster.primary_with_replicas(
-        1, replica_extra=("--replica-max-lag-seconds", "0.5")
+        1, replica_extra=("--replica-max-lag-seconds", "0.5", "--min-revision-max-wait-ms", "500")
     )
     with primary.client() as client:
         client.set(SetRequest(key="k", value=b"v"))
@@ -600,6 +600,7 @@ def test_unlinked_replica_not_ready_serves_reads_and_refuses_future_revisions(
         got = client.get(GetRequest(key="k"))
         assert (got.found, got.value) == (True, b"v")
         assert client.get(GetRequest(key="k", min_revision=revision)).value == b"v"
+        # The node's 500 ms cap ends the wait, well before the client's 5 s deadline.
         error = connect_error(lambda: client.get(GetRequest(key="k", min_revision=revision + 1)))
         assert error.code == Code.UNAVAILABLE, error
 
@@ -754,7 +755,10 @@ def test_replica_repointed_to_unrelated_primary_ends_equal_to_it(
     ahead of it) gets B's state exactly, nothing of A's, even while A keeps pushing."""
     a = cluster.add_primary("a", start=False)
     b = cluster.add_primary("b", start=False)
-    replica = cluster.add_replica(a, start=False)
+    # Small snapshot thresholds: the replica has snapshots of A's history, some at
+    # revisions above B's snapshot, which must not come back after the switch.
+    small = ("--wal-segment-bytes", "4096", "--snapshot-threshold-bytes", "8192")
+    replica = cluster.add_replica(a, None, *small, start=False)
     cluster.start(a, b, replica)
     wait_streaming(a, replica)
     # The same keys in both histories with different values; A stops at revision 400.
