@@ -170,18 +170,23 @@ def test_primary_and_two_replicas_converge_under_16_client_load(cluster: Cluster
 
 
 def test_primary_pushes_to_the_replicas_it_is_configured_with(cluster: Cluster) -> None:
-    """A replica that does not announce itself, listed in the primary's --replicas, is
-    brought up to date and learns its primary's URL from the pushes."""
+    """Replicas in the primary's --replicas are brought up to date: one that does not
+    announce itself learns its primary's URL from the pushes; one that also announces
+    itself gets one link, not two."""
     primary = cluster.add_primary(start=False)
-    replica = cluster.add_replica(primary, start=False)
-    replica.announce = False
-    primary.extra = ("--replicas", replica.advertise_url)
-    cluster.start(primary, replica)
+    silent = cluster.add_replica(primary, start=False)
+    silent.announce = False
+    both = cluster.add_replica(primary, start=False)
+    primary.extra = ("--replicas", f"{silent.advertise_url},{both.advertise_url}")
+    cluster.start(primary, silent, both)
     keys = write(primary, "listed/", 50, "p")
-    wait_streaming(primary, replica)
-    assert_converged(primary, [replica], keys)
-    assert replica.status().link.primary_url == primary.url
-    with replica.client() as client:
+    for replica in (silent, both):
+        wait_streaming(primary, replica)
+    assert_converged(primary, [silent, both], keys)
+    urls = [r.url for r in primary.status().replicas]
+    assert sorted(urls) == sorted([silent.advertise_url, both.advertise_url]), urls
+    assert silent.status().link.primary_url == primary.url
+    with silent.client() as client:
         error = connect_error(lambda: client.set(SetRequest(key="x", value=b"x")))
     assert error.code == Code.FAILED_PRECONDITION, error
     assert primary.url in error.message
@@ -250,6 +255,7 @@ def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) 
     full_before, partial_before = full_and_partial(primary, replica)
     identity = replica.status()
 
+    url = replica.advertise_url
     load = burst(primary, "crash")
     load.wait_for_acks(300)
     for _ in range(3):
@@ -261,6 +267,12 @@ def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) 
         acked = replica_status(primary, replica).acked_revision
         replica.kill()
         ack_more(load, 300)  # the primary does not wait for a dead replica
+        wait_for(
+            lambda: primary.metric("kvservice_replica_connected", replica=url) == 0
+            and primary.metric("kvservice_replica_lag_revisions", replica=url) > 0
+            and replica_status(primary, replica).state != "streaming",
+            timeout=10, what="the primary to show the replica down and lagging",
+        )  # fmt: skip
         replica.start()
         mine = replica.status()
         assert mine.revision >= acked, f"acknowledged {acked} but restarted at {mine.revision}"
