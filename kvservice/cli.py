@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,14 +16,21 @@ from connectrpc.errors import ConnectError
 from google.protobuf import json_format
 
 from kvservice import __version__, logs
+from kvservice.checker import check_nodes
 from kvservice.config import ConfigError, Settings, load, shown_value, sources
 from kvservice.errors import StorageError
+from kvservice.replication.state import ReplicationState, new_id, save_state
 from kvservice.server import CannotServe, serve
 from kvservice.storage import repair
+from kvservice.storage.backup import restore as restore_backup
 from kvservice.storage.files import DataDirLocked, lock_data_dir
 from kvservice.storage.recovery import recover
+from kvservice.storage.snapshot import load_snapshot
 from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import (
+    BackupChunk,
+    BackupRequest,
+    FailoverRequest,
     PromoteRequest,
     ReplicaOfRequest,
     ReplicationStatusRequest,
@@ -90,6 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replicaof.add_argument("--url", required=True, help="the node to repoint")
     replicaof.add_argument("--primary", required=True, help="base URL of the primary to follow")
+    backup = commands.add_parser(
+        "backup", help="stream a consistent snapshot of a live node to a file (Admin/Backup)"
+    )
+    backup.add_argument("--url", required=True, help="the node to back up (primary or replica)")
+    backup.add_argument("--out", required=True, type=Path, help="the backup file to write")
+    restore = commands.add_parser("restore", help="create a data dir from a backup file")
+    restore.add_argument("--in", dest="backup_in", required=True, type=Path, help="backup file")
+    restore.add_argument("--data-dir", dest="data_dir", required=True, help="data dir to create")
+    restore.add_argument(
+        "--force", action="store_true",
+        help="restore into a non-empty data dir (its contents are moved to pre-restore-*/)",
+    )  # fmt: skip
+    check = commands.add_parser(
+        "check", help="compare a replica's state with its primary's: exit 0 equal, 1 different"
+        " (the differing keys are printed), 2 usage or unreachable",
+    )  # fmt: skip
+    check.add_argument("--primary", required=True, help="the primary's URL")
+    check.add_argument("--replica", required=True, help="the replica's URL")
+    failover = commands.add_parser(
+        "failover", help="planned switchover: primary P hands over to replica R, no write lost"
+    )
+    failover.add_argument("--url", required=True, help="the current primary")
+    failover.add_argument("--to", required=True, help="the replica to promote")
     replicaof.add_argument(
         "--force", action="store_true",
         help="accept that primary even if its epoch is lower (after deciding its data wins)",
@@ -118,13 +151,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, origin in sources(settings, flags).items():
             print(f"{name} = {shown_value(name, getattr(settings, name))}  ({origin})")
         return EXIT_OK
-    if args.command in ("promote", "replicaof", "snapshot", "status"):
+    if args.command in REMOTE_COMMANDS:
         return _remote(args, settings)
     logs.configure(settings.log_level, settings.log_format)
+    if args.command == "restore":
+        return _restore(args.backup_in, settings.data_dir, force=args.force)
     if args.command == "wal":
-        if args.wal_command == "check":
-            return repair.check(settings.data_dir)
-        return repair.repair(settings.data_dir)
+        return (repair.check if args.wal_command == "check" else repair.repair)(settings.data_dir)
     return _serve(settings)
 
 
@@ -178,10 +211,17 @@ def _snapshot(url: str) -> int:
     return EXIT_OK
 
 
+REMOTE_COMMANDS = ("promote", "replicaof", "failover", "snapshot", "status", "backup", "check")
+
+
 def _remote(args: argparse.Namespace, settings: Settings) -> int:
     """Commands that call a running node's Admin service."""
-    if args.command in ("promote", "replicaof"):
+    if args.command in ("promote", "replicaof", "failover"):
         return _role_change(args)
+    if args.command == "backup":
+        return _backup(args.url, args.out)
+    if args.command == "check":
+        return check_nodes(args.primary, args.replica)
     url = args.url or f"http://{settings.host}:{settings.port}"
     return _snapshot(url) if args.command == "snapshot" else _status(url)
 
@@ -191,6 +231,8 @@ def _role_change(args: argparse.Namespace) -> int:
         try:
             if args.command == "promote":
                 reply: Any = admin.promote(PromoteRequest())
+            elif args.command == "failover":
+                reply = admin.failover(FailoverRequest(to=args.to))
             else:
                 request = ReplicaOfRequest(primary_url=args.primary, force=args.force)
                 reply = admin.replica_of(request)
@@ -199,6 +241,59 @@ def _role_change(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
             return EXIT_ERROR
     print(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True))
+    return EXIT_OK
+
+
+def _backup(url: str, out: Path) -> int:
+    """Write the stream to OUT.tmp, check its SHA-256 and every record, then rename."""
+    tmp = out.with_name(out.name + ".tmp")
+    digest = hashlib.sha256()
+    last = BackupChunk()
+    try:
+        with AdminClientSync(url, timeout_ms=3_600_000) as admin, open(tmp, "wb") as f:
+            for chunk in admin.backup(BackupRequest()):
+                f.write(chunk.data)
+                digest.update(chunk.data)
+                last = chunk
+            f.flush()
+            os.fsync(f.fileno())
+        if not last.sha256 or last.sha256 != digest.hexdigest():
+            raise StorageError(f"the stream's SHA-256 does not match ({last.sha256 or 'none'})")
+        load_snapshot(tmp, check_name=False)
+        os.replace(tmp, out)
+    except (ConnectError, StorageError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        print(f"kvservice: backup failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps({"out": str(out), "revision": last.revision, "sha256": last.sha256,
+                      "bytes": last.size}))  # fmt: skip
+    return EXIT_OK
+
+
+def _restore(backup: Path, data_dir: Path, *, force: bool) -> int:
+    try:
+        lock = lock_data_dir(data_dir)
+    except (DataDirLocked, OSError) as exc:
+        print(f"kvservice: restore refused: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
+    try:
+        loaded, header = restore_backup(backup, data_dir, force=force)
+        # The backup's history is this node's previous one: it continues it.
+        save_state(
+            data_dir,
+            ReplicationState(
+                node_id=new_id(), epoch=header.epoch,
+                prev_replication_id=header.replication_id, prev_end_revision=loaded.revision,
+            ),
+        )  # fmt: skip
+    except (StorageError, OSError) as exc:
+        print(f"kvservice: restore failed: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
+    finally:
+        lock.close()
+    print(json.dumps({"data_dir": str(data_dir), "revision": loaded.revision,
+                      "keys": len(loaded.data), "replication_id": header.replication_id,
+                      "epoch": header.epoch}))  # fmt: skip
     return EXIT_OK
 
 

@@ -114,6 +114,10 @@ class Settings(BaseSettings):
         5000, ge=0, le=600_000,
         description="longest a write with wait_replicas waits for replica acknowledgements",
     )  # fmt: skip
+    repair_on_mismatch: bool = Field(
+        True, description="replica: a state digest that differs from the primary's at the"
+        " same revision triggers one full resync",
+    )  # fmt: skip
     min_replicas: int = Field(
         0, ge=0, le=100,
         description="primary: refuse writes (unavailable) while fewer replicas are healthy",

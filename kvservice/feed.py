@@ -27,12 +27,17 @@ from kvservice.errors import FeedOverflow, ShuttingDown
 from kvservice.v1.log_pb2 import LogEntry
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Committed:
-    """One committed entry and its encoded WAL record (header and payload)."""
+    """One committed entry and its encoded WAL record (header and payload).
+
+    `digest` is the store's digest right after this entry (set by the node in
+    the same step; None for entries read back from disk).
+    """
 
     entry: LogEntry
     record: bytes
+    digest: int | None = None
 
     @property
     def revision(self) -> int:
@@ -119,9 +124,11 @@ class CommitFeed:
         self._subscriptions: set[Subscription] = set()
         self._closed = False
 
-    def stage(self, entry: LogEntry, record: bytes) -> None:
+    def stage(self, entry: LogEntry, record: bytes) -> Committed:
         """The node appended `entry` to the WAL (not yet durable)."""
-        self._staged.append(Committed(entry, record))
+        committed = Committed(entry, record)
+        self._staged.append(committed)
+        return committed
 
     def unstage(self, revision: int) -> None:
         """The WAL refused the entry just staged: it will never be committed."""

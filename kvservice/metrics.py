@@ -79,6 +79,7 @@ class ReplicationGauges:
     replica_lag_seconds: Callable[[], float | None]
     # Per replica: (url, connected, lag revisions, lag seconds, full, partial, retries).
     senders: Callable[[], list[tuple[str, bool, int, float, int, int, int]]]
+    digest_mismatches: Callable[[], int]
 
 
 class ReplicationStats(Collector):
@@ -134,6 +135,11 @@ class ReplicationStats(Collector):
             "kvservice_replication_applied_revision",
             "Last revision this node applied (on a replica: of its primary's log)",
             value=g.applied_revision(),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            "kvservice_replication_digest_mismatches",
+            "State digests that differed from the primary's at the same revision",
+            value=g.digest_mismatches(),
         )  # fmt: skip
         lag = g.replica_lag_seconds()
         yield GaugeMetricFamily(

@@ -168,13 +168,14 @@ class Node:
 
     def _append(self, entry: LogEntry, data: bytes) -> None:
         """Log and apply one entry (no await: log, feed and memory order stay one)."""
-        self.feed.stage(entry, data)
+        committed = self.feed.stage(entry, data)
         try:
             self.wal.append(data, entry.revision)
         except WalFailed:
             self.feed.unstage(entry.revision)
             raise
         self.store.apply(entry)
+        committed.digest = self.store.digest  # before any consumer runs
         self.snapshotter.maybe_start()
 
     # -- replication ------------------------------------------------------------

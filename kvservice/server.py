@@ -153,6 +153,7 @@ def build_replication(settings: Settings, node: Node, metrics: Metrics) -> Repli
                 )
                 for v in manager.sender_views()
             ],
+            digest_mismatches=lambda: manager.digest_mismatches,
         )
     )
     return manager

@@ -5,15 +5,18 @@ This is the one place where kvservice errors become Connect codes.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
+from kvservice.digests import MAX_BUCKETS, bucket_digests
 from kvservice.errors import (
     Compacted,
     FeedOverflow,
@@ -32,7 +35,15 @@ from kvservice.errors import (
 )
 from kvservice.node import Node
 from kvservice.replication.manager import ReplicationManager
+from kvservice.storage.backup import backup_stream
 from kvservice.v1.admin_pb2 import (
+    BackupChunk,
+    BackupRequest,
+    DigestRequest,
+    DigestResponse,
+    FailoverRequest,
+    FailoverResponse,
+    KeyDigest,
     PromoteRequest,
     PromoteResponse,
     ReplicaLink,
@@ -183,6 +194,64 @@ class AdminService:
         previous = await self.replication.replica_of(url, force=request.force)
         return ReplicaOfResponse(primary_url=url, previous_role=previous)
 
+    @connect_errors
+    async def failover(
+        self, request: FailoverRequest, ctx: RequestContext[Any, Any]
+    ) -> FailoverResponse:
+        deadline_ms = ctx.timeout_ms()
+        seconds = 60.0 if deadline_ms is None else max(0.1, deadline_ms / 1000 - 1.0)
+        done = await self.replication.failover(request.to, seconds)
+        return FailoverResponse(
+            revision=done.revision, write_pause_ms=done.write_pause_ms,
+            replication_id=done.replication_id, epoch=done.epoch,
+            repointed=done.repointed, not_repointed=done.not_repointed,
+        )  # fmt: skip
+
+    async def backup(
+        self, request: BackupRequest, ctx: RequestContext[Any, Any]
+    ) -> AsyncIterator[BackupChunk]:
+        """A snapshot taken now, streamed in bounded chunks, then its SHA-256."""
+        try:
+            info = await self.node.snapshot()
+        except KVError as exc:
+            raise to_connect_error(exc) from None
+        state = self.replication.state
+        chunks = backup_stream(info.path, state.replication_id, state.epoch)
+        digest = hashlib.sha256()
+        size = 0
+        while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+            digest.update(chunk)
+            size += len(chunk)
+            yield BackupChunk(data=chunk)
+        yield BackupChunk(revision=info.revision, sha256=digest.hexdigest(), size=size)
+
+    @connect_errors
+    async def digest(self, request: DigestRequest, ctx: RequestContext[Any, Any]) -> DigestResponse:
+        if request.buckets > MAX_BUCKETS:
+            raise InvalidArgument(f"buckets is at most {MAX_BUCKETS}")
+        node = self.node
+        if request.min_revision > node.store.revision:
+            wait = self.replication.settings.min_revision_max_wait_ms / 1000
+            deadline_ms = ctx.timeout_ms()
+            if deadline_ms is not None:
+                wait = min(wait, deadline_ms / 1000)
+            if not await node.wait_for_revision(request.min_revision, wait):
+                raise RevisionNotReached(
+                    f"this node is at revision {node.store.revision}, not {request.min_revision}"
+                )
+        store = node.store
+        reply = DigestResponse(revision=store.revision, digest=store.digest)
+        if request.buckets:
+            # Copied in this step, so the buckets describe exactly that revision.
+            data = dict(store.data)
+            found = await asyncio.to_thread(
+                bucket_digests, data, request.buckets, set(request.list_buckets)
+            )
+            reply.bucket_digests.extend(found.digests)
+            for key, revision, term, bucket in found.keys:
+                reply.keys.append(KeyDigest(key=key, revision=revision, hash=term, bucket=bucket))
+        return reply
+
 
 class KVStoreService:
     """Implements the generated `KVStore` protocol on top of a Node."""
@@ -219,14 +288,14 @@ class KVStoreService:
 
     @connect_errors
     async def set(self, request: SetRequest, ctx: RequestContext[Any, Any]) -> SetResponse:
-        self.replication.check_min_replicas()
+        self.replication.check_writable()
         revision = await self.node.set(request.key, request.value)
         await self._replicated(revision, request.wait_replicas, ctx)
         return SetResponse(revision=revision)
 
     @connect_errors
     async def delete(self, request: DeleteRequest, ctx: RequestContext[Any, Any]) -> DeleteResponse:
-        self.replication.check_min_replicas()
+        self.replication.check_writable()
         deleted, revision = await self.node.delete(request.key)
         if deleted:
             await self._replicated(revision, request.wait_replicas, ctx)

@@ -85,6 +85,7 @@ def exported_series() -> set[str]:
             applied_revision=lambda: 0,
             replica_lag_seconds=lambda: None,
             senders=lambda: [("http://replica:8080", True, 0, 0.0, 0, 0, 0)],
+            digest_mismatches=lambda: 0,
         )
     )
     for family in metrics.registry.collect():

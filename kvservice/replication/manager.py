@@ -15,17 +15,38 @@ taking writes at once and says why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, replace
 
+from connectrpc.errors import ConnectError
+
 from kvservice.config import Settings
-from kvservice.errors import NotEnoughReplicas, ReplicationRefused
+from kvservice.errors import (
+    NotEnoughReplicas,
+    NotPrimary,
+    ReplicasNotReached,
+    ReplicationRefused,
+)
 from kvservice.node import Node
 from kvservice.replication.primary import Sender
 from kvservice.replication.replica import LinkView, Rebuild, ReplicaSide
 from kvservice.replication.state import ReplicationState, new_id, save_state
+from kvservice.v1.admin_connect import AdminClient
+from kvservice.v1.admin_pb2 import PromoteRequest, ReplicaOfRequest
 
 log = logging.getLogger("kvservice.replication")
+
+
+@dataclass(frozen=True)
+class FailoverResult:
+    revision: int
+    write_pause_ms: float
+    replication_id: str
+    epoch: int
+    repointed: list[str]
+    not_repointed: list[str]
 
 
 @dataclass(frozen=True)
@@ -55,9 +76,13 @@ class ReplicationManager:
         self.senders: dict[str, Sender] = {}
         self.replica: ReplicaSide | None = None
         self.fenced = ""
+        # The replica a planned switchover hands over to (writes refused meanwhile).
+        self.switching_to = ""
         self.force_next_sync = False
         self._rebuild = rebuild
         self._ack_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._ack_moved = asyncio.Event()
+        self._past_mismatches = 0
         self._set_node_role()
 
     def _set_node_role(self) -> None:
@@ -88,6 +113,7 @@ class ReplicationManager:
         await asyncio.gather(*(sender.close() for sender in senders))
         if self.replica is not None:
             replica, self.replica = self.replica, None
+            self._past_mismatches += replica.digest_mismatches
             await replica.close()
 
     async def save(self, state: ReplicationState) -> None:
@@ -169,7 +195,13 @@ class ReplicationManager:
 
     # -- write guarantees -------------------------------------------------------------
 
-    def check_min_replicas(self) -> None:
+    def check_writable(self) -> None:
+        """Before a client write: refused during a switchover or below min_replicas."""
+        if self.switching_to:
+            raise NotPrimary(self.switching_to, "a planned switchover is in progress")
+        self._check_min_replicas()
+
+    def _check_min_replicas(self) -> None:
         """min_replicas: refuse a write while too few replicas are healthy."""
         wanted = self.settings.min_replicas
         if wanted == 0 or self.role != "primary":
@@ -184,6 +216,62 @@ class ReplicationManager:
                 f" when connected and less than {max_lag} s behind): this primary takes no"
                 " writes that could be lost with it"
             )
+
+    async def failover(self, to: str, seconds: float) -> FailoverResult:
+        """Planned switchover to replica `to`: no acknowledged write is lost."""
+        to = to.rstrip("/")
+        if self.role != "primary" or self.fenced:
+            raise ReplicationRefused("a switchover starts on the current primary")
+        sender = self.senders.get(to)
+        if sender is None:
+            known = ", ".join(self.senders) or "none"
+            raise ReplicationRefused(f"{to} is not a replica of this primary (replicas: {known})")
+        self.switching_to = to
+        paused = time.monotonic()
+        try:
+            target = self.node.store.revision
+            got = await self.wait_for_replicas_at(sender, target, seconds)
+            if not got:
+                raise ReplicasNotReached(
+                    f"{to} did not make revision {target} durable within {seconds:.0f} s"
+                    f" (it has {sender.acked}); writes resumed here"
+                )
+            async with AdminClient(to, timeout_ms=30_000) as admin:
+                promoted = await admin.promote(PromoteRequest())
+        except BaseException:
+            self.switching_to = ""
+            raise
+        pause_ms = (time.monotonic() - paused) * 1000
+        others = [url for url in self.senders if url != to]
+        await self.replica_of(to, force=False)
+        repointed, failed = [self.settings.own_url], []
+        for url in others:
+            try:
+                async with AdminClient(url, timeout_ms=10_000) as admin:
+                    await admin.replica_of(ReplicaOfRequest(primary_url=to))
+                repointed.append(url)
+            except (ConnectError, OSError) as exc:
+                log.error("could not repoint a replica", extra={"replica": url, "error": str(exc)})
+                failed.append(url)
+        self.switching_to = ""
+        log.warning(
+            "planned switchover done",
+            extra={"to": to, "revision": target, "write_pause_ms": round(pause_ms, 1)},
+        )
+        return FailoverResult(target, pause_ms, promoted.replication_id, promoted.epoch,
+                              repointed, failed)  # fmt: skip
+
+    async def wait_for_replicas_at(self, sender: Sender, revision: int, seconds: float) -> bool:
+        """Wait until this one replica made `revision` durable (False after `seconds`)."""
+        deadline = time.monotonic() + seconds
+        while sender.acked < revision:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._ack_moved.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ack_moved.wait(), left)
+        return True
 
     def acked_by(self, revision: int) -> int:
         return sum(1 for s in self.senders.values() if s.acked >= revision)
@@ -205,6 +293,7 @@ class ReplicationManager:
 
     def note_ack(self) -> None:
         """A sender's acknowledged revision moved: wake the writes it satisfies."""
+        self._ack_moved.set()
         for revision, count, future in self._ack_waiters:
             if not future.done() and self.acked_by(revision) >= count:
                 future.set_result(None)
@@ -227,6 +316,12 @@ class ReplicationManager:
             )
             for s in self.senders.values()
         ]
+
+    @property
+    def digest_mismatches(self) -> int:
+        """Mismatches seen by this node as a replica (kept across role changes)."""
+        current = self.replica.digest_mismatches if self.replica is not None else 0
+        return self._past_mismatches + current
 
     def link_view(self) -> LinkView | None:
         return self.replica.view() if self.replica is not None else None

@@ -170,7 +170,8 @@ class Sender:
         self.connected = True
         if probe.result == PushResult.PUSH_RESULT_REFUSED:
             raise LinkError(f"the replica refused: {probe.message}")
-        same = self._same_history(probe)
+        # The replica may ask for a full resync itself (a digest mismatch).
+        same = probe.result != PushResult.PUSH_RESULT_HISTORY_MISMATCH and self._same_history(probe)
         if same and probe.revision > self.node.wal.durable_revision:
             raise LinkError(
                 f"the replica is at revision {probe.revision}, ahead of this primary's"
@@ -202,6 +203,8 @@ class Sender:
             return True
         if probe.replication_id and probe.replication_id == state.prev_replication_id:
             return probe.revision <= state.prev_end_revision  # ours continues theirs
+        if not probe.replication_id and probe.prev_replication_id == state.replication_id:
+            return probe.revision <= self.node.wal.durable_revision  # restored from our backup
         return not probe.replication_id and probe.revision == 0
 
     async def _open_backlog(self, after: int) -> BacklogReader | None:
@@ -255,7 +258,8 @@ class Sender:
                 await self._send(part)
 
     async def _send(self, batch: list[Committed]) -> None:
-        reply = await self._push(self.position, [item.record for item in batch])
+        reply = await self._push(self.position, [item.record for item in batch],
+                                 self._digest_for(batch))  # fmt: skip
         if reply.result == PushResult.PUSH_RESULT_OK:
             self.position = reply.revision
             if self.acked >= self.node.wal.durable_revision:
@@ -266,12 +270,28 @@ class Sender:
             raise LinkError(f"position mismatch: the replica is at {reply.revision}")
         if reply.result == PushResult.PUSH_RESULT_HISTORY_MISMATCH:
             raise LinkError(f"history mismatch: {reply.message}")
+        if reply.result == PushResult.PUSH_RESULT_DIGEST_MISMATCH:
+            raise LinkError(f"digest mismatch: {reply.message}")
         raise LinkError(f"the replica refused: {reply.message}")
 
-    async def _push(self, prev_revision: int, records: list[bytes]) -> PushResponse:
-        reply = await self._client.push(
-            PushRequest(primary=self._info(), prev_revision=prev_revision, records=records)
-        )
+    def _digest_for(self, batch: list[Committed]) -> tuple[int, int] | None:
+        """(revision, digest) the replica should have after this batch, when known:
+        live entries carry it; an idle heartbeat uses the store's own."""
+        if batch:
+            last = batch[-1]
+            return (last.revision, last.digest) if last.digest is not None else None
+        store = self.node.store
+        if store.revision == self.position == self.node.wal.durable_revision:
+            return store.revision, store.digest
+        return None
+
+    async def _push(
+        self, prev_revision: int, records: list[bytes], digest: tuple[int, int] | None = None
+    ) -> PushResponse:
+        request = PushRequest(primary=self._info(), prev_revision=prev_revision, records=records)
+        if digest is not None:
+            request.digest_revision, request.digest = digest
+        reply = await self._client.push(request)
         if reply.epoch > self.manager.state.epoch:
             # A newer primary exists: stop taking writes at once (fencing).
             self.manager.fence(reply.epoch, reply.primary_url)

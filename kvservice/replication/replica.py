@@ -83,6 +83,9 @@ class ReplicaSide:
         self.caught_up_at: float | None = None  # monotonic; None while never caught up
         self.primary_revision = 0
         self.last_error = ""
+        self.digest_mismatches = 0
+        self.digest_error = ""  # the last mismatch, until a full resync repairs it
+        self.needs_full_resync = False
         self._lock = asyncio.Lock()
         self._incoming: Incoming | None = None
         self._announcer: asyncio.Task[None] | None = None
@@ -107,23 +110,9 @@ class ReplicaSide:
 
     async def push(self, request: PushRequest) -> PushResponse:
         async with self._lock:
-            refusal = self._refusal(request.primary)
-            if refusal:
-                return self._answer(PushResult.PUSH_RESULT_REFUSED, refusal)
-            self._heard_from(request.primary)
-            if not self._same_history(request.primary):
-                await self._save_diverged(request.primary)
-                return self._answer(
-                    PushResult.PUSH_RESULT_HISTORY_MISMATCH,
-                    f"this replica is in history {self.manager.state.replication_id or '(none)'}"
-                    f" at revision {self.node.store.revision}; a full resync is needed",
-                )
-            if request.prev_revision != self.node.store.revision:
-                return self._answer(
-                    PushResult.PUSH_RESULT_POSITION_MISMATCH,
-                    f"this replica is at revision {self.node.store.revision},"
-                    f" not {request.prev_revision}",
-                )
+            refused = await self._not_applicable(request)
+            if refused is not None:
+                return refused
             await self._adopt(request.primary)
             if request.records:
                 try:
@@ -134,18 +123,65 @@ class ReplicaSide:
             self._note_position()
             self.state = "streaming"
             self.last_error = ""
+            store = self.node.store
+            if request.digest_revision == store.revision and store.digest != request.digest:
+                return self._digest_mismatch(request)
             return self._answer(PushResult.PUSH_RESULT_OK, "")
+
+    async def _not_applicable(self, request: PushRequest) -> PushResponse | None:
+        """The answer to a push that must not be applied; None when it may be."""
+        refusal = self._refusal(request.primary)
+        if refusal:
+            return self._answer(PushResult.PUSH_RESULT_REFUSED, refusal)
+        self._heard_from(request.primary)
+        if self.needs_full_resync:
+            return self._answer(
+                PushResult.PUSH_RESULT_HISTORY_MISMATCH,
+                f"{self.digest_error}; waiting for a full resync (repair_on_mismatch)",
+            )
+        if not self._same_history(request.primary):
+            await self._save_diverged(request.primary)
+            return self._answer(
+                PushResult.PUSH_RESULT_HISTORY_MISMATCH,
+                f"this replica is in history {self.manager.state.replication_id or '(none)'}"
+                f" at revision {self.node.store.revision}; a full resync is needed",
+            )
+        if request.prev_revision != self.node.store.revision:
+            return self._answer(
+                PushResult.PUSH_RESULT_POSITION_MISMATCH,
+                f"this replica is at revision {self.node.store.revision},"
+                f" not {request.prev_revision}",
+            )
+        return None
+
+    def _digest_mismatch(self, request: PushRequest) -> PushResponse:
+        self.digest_mismatches += 1
+        self.digest_error = (
+            f"state digest mismatch at revision {request.digest_revision}: this replica has"
+            f" {self.node.store.digest:016x}, the primary {request.digest:016x}"
+        )
+        log.error(
+            "state digest mismatch",
+            extra={"revision": request.digest_revision, "replica_digest":
+                   f"{self.node.store.digest:016x}", "primary_digest": f"{request.digest:016x}",
+                   "repair": self.settings.repair_on_mismatch},
+        )  # fmt: skip
+        if self.settings.repair_on_mismatch:
+            self.needs_full_resync = True
+        return self._answer(PushResult.PUSH_RESULT_DIGEST_MISMATCH, self.digest_error)
 
     def _answer(self, result: PushResult, message: str) -> PushResponse:
         if message and result != PushResult.PUSH_RESULT_POSITION_MISMATCH:
+            if message != self.last_error:  # once per reason, not once per push
+                log.warning("replication push not applied", extra={"reason": message})
             self.last_error = message
-            log.warning("replication push not applied", extra={"reason": message})
         state = self.manager.state
         return PushResponse(
             result=result, revision=self.node.store.revision,
             durable_revision=self.node.wal.durable_revision,
             replication_id=state.replication_id, epoch=state.epoch, node_id=state.node_id,
             message=message, primary_url=self.primary_url,
+            prev_replication_id="" if state.replication_id else state.prev_replication_id,
         )  # fmt: skip
 
     def _refusal(self, primary: PrimaryInfo) -> str:
@@ -172,6 +208,9 @@ class ReplicaSide:
             # The primary's history continues ours (it was promoted): up to the
             # fork point they are the same.
             return self.node.store.revision <= primary.prev_end_revision
+        if not mine and self.manager.state.prev_replication_id == primary.replication_id:
+            # Restored from a backup of this very history: a prefix of it.
+            return self.node.store.revision <= primary.durable_revision
         # A node with no history yet joins any (nothing of its own to lose).
         return not mine and self.node.store.revision == 0
 
@@ -274,10 +313,11 @@ class ReplicaSide:
         await node.wal.close()
         await asyncio.to_thread(finish_install, data_dir)
         store = Store()
-        store.load(snapshot.data, snapshot.revision)
+        store.load(snapshot.data, snapshot.revision, snapshot.digest)
         self.rebuild(store)
         self._note_position()
         self.state = "streaming"
+        self.needs_full_resync, self.digest_error = False, ""
         log.info(
             "full resync installed",
             extra={"revision": snapshot.revision, "keys": len(store),
@@ -343,6 +383,8 @@ class ReplicaSide:
 
     def readiness(self) -> str | None:
         """Why this replica is not ready (None when it is)."""
+        if self.digest_error:
+            return self.digest_error
         now = time.monotonic()
         state = self.linked_state(now)
         if state == "full-sync":

@@ -35,7 +35,7 @@ def compact(data_dir: Path, revision: int) -> tuple[Path, int]:
     store = Store()
     base = load_newest_snapshot(snap_dir)
     if base is not None:
-        store.load(base.data, base.revision)
+        store.load(base.data, base.revision, base.digest)
         if base.revision >= revision:
             return base.path, len(store)
     with BacklogReader(wal_dir, store.revision) as reader:
@@ -47,7 +47,7 @@ def compact(data_dir: Path, revision: int) -> tuple[Path, int]:
                 )
             for item in batch:
                 store.apply(item.entry)
-    path = write_snapshot(snap_dir, store.data, revision)
+    path = write_snapshot(snap_dir, store.data, revision, store.digest)
     assert path.name == snapshot_name(revision)
     return path, len(store)
 

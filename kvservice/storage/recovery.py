@@ -158,7 +158,7 @@ def _load_newest_snapshot(snap_dir: Path, result: Recovery) -> None:
     result.damaged_snapshots.extend(str(exc) for _, exc in damaged)
     result.damaged_snapshot_paths.extend(path for path, _ in damaged)
     if snap is not None:
-        result.store.load(snap.data, snap.revision)
+        result.store.load(snap.data, snap.revision, snap.digest)
         result.snapshot_revision = snap.revision
         result.snapshot_path = snap.path
 

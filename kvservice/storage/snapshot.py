@@ -20,6 +20,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from kvservice.engine import digest_of
 from kvservice.errors import CorruptRecord, StorageError, TornRecord
 from kvservice.storage import record
 from kvservice.storage.files import create_atomically, fsync_dir
@@ -34,11 +35,14 @@ CHUNK_BYTES = 4 * 1024 * 1024
 KEEP_SNAPSHOTS = 2
 
 
-def encode_snapshot(data: dict[str, bytes], revision: int) -> Iterator[bytes]:
+def encode_snapshot(
+    data: dict[str, bytes], revision: int, digest: int | None = None
+) -> Iterator[bytes]:
     """Yield the records of a snapshot of `data` (revision-prefixed values)."""
     header = SnapshotHeader(
-        revision=revision, key_count=len(data), created_unix_ms=int(time.time() * 1000)
-    )
+        revision=revision, key_count=len(data), created_unix_ms=int(time.time() * 1000),
+        digest=digest_of(data.items()) if digest is None else digest,
+    )  # fmt: skip
     yield record.encode(header.SerializeToString())
     keys: list[str] = []
     values: list[bytes] = []
@@ -59,9 +63,12 @@ def _chunk_record(keys: list[str], values: list[bytes]) -> bytes:
     return record.encode(SnapshotChunk(keys=keys, revisioned_values=values).SerializeToString())
 
 
-def write_snapshot(snap_dir: Path, data: dict[str, bytes], revision: int) -> Path:
+def write_snapshot(
+    snap_dir: Path, data: dict[str, bytes], revision: int, digest: int | None = None
+) -> Path:
     """Write a snapshot durably; return its path."""
-    return create_atomically(snap_dir / snapshot_name(revision), encode_snapshot(data, revision))
+    records = encode_snapshot(data, revision, digest)
+    return create_atomically(snap_dir / snapshot_name(revision), records)
 
 
 @dataclass
@@ -69,6 +76,7 @@ class LoadedSnapshot:
     revision: int
     data: dict[str, bytes]  # key -> revision-prefixed value, ready for Store.load
     path: Path
+    digest: int | None = None  # None: written before snapshots carried one
 
 
 READ_BLOCK = 1 << 20
@@ -95,7 +103,8 @@ def load_snapshot(path: Path, *, check_name: bool = True) -> LoadedSnapshot:
     expected = snapshot_name(header.revision)
     if check_name and path.name != expected:
         raise StorageError(f"{name}: header revision {header.revision} belongs in {expected}")
-    return LoadedSnapshot(revision=header.revision, data=loader.data, path=path)
+    digest = header.digest if header.HasField("digest") else None
+    return LoadedSnapshot(revision=header.revision, data=loader.data, path=path, digest=digest)
 
 
 class _Loader:

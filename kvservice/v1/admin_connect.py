@@ -29,6 +29,15 @@ class Admin(Protocol):
     async def replica_of(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def failover(self, request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    def backup(self, request: kvservice_dot_v1_dot_admin__pb2.BackupRequest, ctx: RequestContext) -> AsyncIterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def digest(self, request: kvservice_dot_v1_dot_admin__pb2.DigestRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.DigestResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class AdminASGIApplication(ConnectASGIApplication[Admin]):
     def __init__(self, service: Admin | AsyncGenerator[Admin], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -74,6 +83,36 @@ class AdminASGIApplication(ConnectASGIApplication[Admin]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.replica_of,
+                ),
+                "/kvservice.v1.Admin/Failover": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Failover",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.FailoverResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.failover,
+                ),
+                "/kvservice.v1.Admin/Backup": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="Backup",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.backup,
+                ),
+                "/kvservice.v1.Admin/Digest": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Digest",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.DigestResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=svc.digest,
                 ),
             },
             interceptors=interceptors,
@@ -170,6 +209,68 @@ class AdminClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def failover(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Failover",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.FailoverResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def backup(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="Backup",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def digest(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_admin__pb2.DigestResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Digest",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.DigestResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
 
 class AdminSync(Protocol):
     def snapshot(self, request: kvservice_dot_v1_dot_admin__pb2.SnapshotRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.SnapshotResponse:
@@ -179,6 +280,12 @@ class AdminSync(Protocol):
     def promote(self, request: kvservice_dot_v1_dot_admin__pb2.PromoteRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.PromoteResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def replica_of(self, request: kvservice_dot_v1_dot_admin__pb2.ReplicaOfRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.ReplicaOfResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def failover(self, request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def backup(self, request: kvservice_dot_v1_dot_admin__pb2.BackupRequest, ctx: RequestContext) -> Iterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def digest(self, request: kvservice_dot_v1_dot_admin__pb2.DigestRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.DigestResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -225,6 +332,36 @@ class AdminWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.replica_of,
+                ),
+                "/kvservice.v1.Admin/Failover": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Failover",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.FailoverResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.failover,
+                ),
+                "/kvservice.v1.Admin/Backup": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="Backup",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.backup,
+                ),
+                "/kvservice.v1.Admin/Digest": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Digest",
+                        service_name="kvservice.v1.Admin",
+                        input=kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+                        output=kvservice_dot_v1_dot_admin__pb2.DigestResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=service.digest,
                 ),
             },
             interceptors=interceptors,
@@ -319,4 +456,66 @@ class AdminClientSync(ConnectClientSync):
             ),
             headers=headers,
             timeout_ms=timeout_ms,
+        )
+
+    def failover(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Failover",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.FailoverRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.FailoverResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def backup(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> Iterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="Backup",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def digest(
+        self,
+        request: kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_admin__pb2.DigestResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Digest",
+                service_name="kvservice.v1.Admin",
+                input=kvservice_dot_v1_dot_admin__pb2.DigestRequest,
+                output=kvservice_dot_v1_dot_admin__pb2.DigestResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
         )

@@ -6,6 +6,78 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DigestRequest(_message.Message):
+    __slots__ = ("min_revision", "buckets", "list_buckets")
+    MIN_REVISION_FIELD_NUMBER: _ClassVar[int]
+    BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    LIST_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    min_revision: int
+    buckets: int
+    list_buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, min_revision: _Optional[int] = ..., buckets: _Optional[int] = ..., list_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DigestResponse(_message.Message):
+    __slots__ = ("revision", "digest", "bucket_digests", "keys")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    digest: int
+    bucket_digests: _containers.RepeatedScalarFieldContainer[int]
+    keys: _containers.RepeatedCompositeFieldContainer[KeyDigest]
+    def __init__(self, revision: _Optional[int] = ..., digest: _Optional[int] = ..., bucket_digests: _Optional[_Iterable[int]] = ..., keys: _Optional[_Iterable[_Union[KeyDigest, _Mapping]]] = ...) -> None: ...
+
+class KeyDigest(_message.Message):
+    __slots__ = ("key", "revision", "hash", "bucket")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    revision: int
+    hash: int
+    bucket: int
+    def __init__(self, key: _Optional[str] = ..., revision: _Optional[int] = ..., hash: _Optional[int] = ..., bucket: _Optional[int] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackupChunk(_message.Message):
+    __slots__ = ("data", "revision", "sha256", "size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    revision: int
+    sha256: str
+    size: int
+    def __init__(self, data: _Optional[bytes] = ..., revision: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class FailoverRequest(_message.Message):
+    __slots__ = ("to",)
+    TO_FIELD_NUMBER: _ClassVar[int]
+    to: str
+    def __init__(self, to: _Optional[str] = ...) -> None: ...
+
+class FailoverResponse(_message.Message):
+    __slots__ = ("revision", "write_pause_ms", "replication_id", "epoch", "repointed", "not_repointed")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    WRITE_PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REPOINTED_FIELD_NUMBER: _ClassVar[int]
+    NOT_REPOINTED_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    write_pause_ms: float
+    replication_id: str
+    epoch: int
+    repointed: _containers.RepeatedScalarFieldContainer[str]
+    not_repointed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, revision: _Optional[int] = ..., write_pause_ms: _Optional[float] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., repointed: _Optional[_Iterable[str]] = ..., not_repointed: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class PromoteRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

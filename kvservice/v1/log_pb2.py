@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvservice/v1/log.proto\x12\x0ckvservice.v1\"\xeb\x01\n\x08LogEntry\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12>\n\toperation\x18\x02 \x01(\x0e\x32 .kvservice.v1.LogEntry.OperationR\toperation\x12\x10\n\x03key\x18\x03 \x01(\tR\x03key\x12\x14\n\x05value\x18\x04 \x01(\x0cR\x05value\"O\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x11\n\rOPERATION_SET\x10\x01\x12\x14\n\x10OPERATION_DELETE\x10\x02J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"q\n\x0eSnapshotHeader\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12\x1b\n\tkey_count\x18\x02 \x01(\x04R\x08keyCount\x12&\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03R\rcreatedUnixMs\"P\n\rSnapshotChunk\x12\x12\n\x04keys\x18\x01 \x03(\tR\x04keys\x12+\n\x11revisioned_values\x18\x02 \x03(\x0cR\x10revisionedValues\".\n\x0fSnapshotTrailer\x12\x1b\n\tkey_count\x18\x01 \x01(\x04R\x08keyCountb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvservice/v1/log.proto\x12\x0ckvservice.v1\"\xeb\x01\n\x08LogEntry\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12>\n\toperation\x18\x02 \x01(\x0e\x32 .kvservice.v1.LogEntry.OperationR\toperation\x12\x10\n\x03key\x18\x03 \x01(\tR\x03key\x12\x14\n\x05value\x18\x04 \x01(\x0cR\x05value\"O\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x11\n\rOPERATION_SET\x10\x01\x12\x14\n\x10OPERATION_DELETE\x10\x02J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"\xd6\x01\n\x0eSnapshotHeader\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12\x1b\n\tkey_count\x18\x02 \x01(\x04R\x08keyCount\x12&\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03R\rcreatedUnixMs\x12%\n\x0ereplication_id\x18\x04 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x05 \x01(\x04R\x05\x65poch\x12\x1b\n\x06\x64igest\x18\x06 \x01(\x04H\x00R\x06\x64igest\x88\x01\x01\x42\t\n\x07_digest\"P\n\rSnapshotChunk\x12\x12\n\x04keys\x18\x01 \x03(\tR\x04keys\x12+\n\x11revisioned_values\x18\x02 \x03(\x0cR\x10revisionedValues\".\n\x0fSnapshotTrailer\x12\x1b\n\tkey_count\x18\x01 \x01(\x04R\x08keyCountb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGENTRY']._serialized_end=276
   _globals['_LOGENTRY_OPERATION']._serialized_start=185
   _globals['_LOGENTRY_OPERATION']._serialized_end=264
-  _globals['_SNAPSHOTHEADER']._serialized_start=278
-  _globals['_SNAPSHOTHEADER']._serialized_end=391
-  _globals['_SNAPSHOTCHUNK']._serialized_start=393
-  _globals['_SNAPSHOTCHUNK']._serialized_end=473
-  _globals['_SNAPSHOTTRAILER']._serialized_start=475
-  _globals['_SNAPSHOTTRAILER']._serialized_end=521
+  _globals['_SNAPSHOTHEADER']._serialized_start=279
+  _globals['_SNAPSHOTHEADER']._serialized_end=493
+  _globals['_SNAPSHOTCHUNK']._serialized_start=495
+  _globals['_SNAPSHOTCHUNK']._serialized_end=575
+  _globals['_SNAPSHOTTRAILER']._serialized_start=577
+  _globals['_SNAPSHOTTRAILER']._serialized_end=623
 # @@protoc_insertion_point(module_scope)

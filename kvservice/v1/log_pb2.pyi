@@ -28,14 +28,20 @@ class LogEntry(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., operation: _Optional[_Union[LogEntry.Operation, str]] = ..., key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
 
 class SnapshotHeader(_message.Message):
-    __slots__ = ("revision", "key_count", "created_unix_ms")
+    __slots__ = ("revision", "key_count", "created_unix_ms", "replication_id", "epoch", "digest")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     KEY_COUNT_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     revision: int
     key_count: int
     created_unix_ms: int
-    def __init__(self, revision: _Optional[int] = ..., key_count: _Optional[int] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    replication_id: str
+    epoch: int
+    digest: int
+    def __init__(self, revision: _Optional[int] = ..., key_count: _Optional[int] = ..., created_unix_ms: _Optional[int] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., digest: _Optional[int] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
     __slots__ = ("keys", "revisioned_values")

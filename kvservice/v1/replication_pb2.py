@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekvservice/v1/replication.proto\x12\x0ckvservice.v1\"\x9e\x02\n\x0bPrimaryInfo\x12\x10\n\x03url\x18\x01 \x01(\tR\x03url\x12\x17\n\x07node_id\x18\x02 \x01(\tR\x06nodeId\x12%\n\x0ereplication_id\x18\x03 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x04 \x01(\x04R\x05\x65poch\x12)\n\x10\x64urable_revision\x18\x05 \x01(\x04R\x0f\x64urableRevision\x12 \n\x0csent_unix_ms\x18\x06 \x01(\x03R\nsentUnixMs\x12.\n\x13prev_replication_id\x18\x07 \x01(\tR\x11prevReplicationId\x12*\n\x11prev_end_revision\x18\x08 \x01(\x04R\x0fprevEndRevision\"\xb0\x01\n\x0bPushRequest\x12\x33\n\x07primary\x18\x01 \x01(\x0b\x32\x19.kvservice.v1.PrimaryInfoR\x07primary\x12#\n\rprev_revision\x18\x02 \x01(\x04R\x0cprevRevision\x12\x18\n\x07records\x18\x03 \x03(\x0cR\x07records\x12-\n\x13last_commit_unix_ms\x18\x04 \x01(\x03R\x10lastCommitUnixMs\"\x98\x02\n\x0cPushResponse\x12\x30\n\x06result\x18\x01 \x01(\x0e\x32\x18.kvservice.v1.PushResultR\x06result\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision\x12)\n\x10\x64urable_revision\x18\x03 \x01(\x04R\x0f\x64urableRevision\x12%\n\x0ereplication_id\x18\x04 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x05 \x01(\x04R\x05\x65poch\x12\x17\n\x07node_id\x18\x06 \x01(\tR\x06nodeId\x12\x18\n\x07message\x18\x07 \x01(\tR\x07message\x12\x1f\n\x0bprimary_url\x18\x08 \x01(\tR\nprimaryUrl\"\xca\x01\n\x16InstallSnapshotRequest\x12\x33\n\x07primary\x18\x01 \x01(\x0b\x32\x19.kvservice.v1.PrimaryInfoR\x07primary\x12\x1f\n\x0btransfer_id\x18\x02 \x01(\tR\ntransferId\x12\x1a\n\x08revision\x18\x03 \x01(\x04R\x08revision\x12\x16\n\x06offset\x18\x04 \x01(\x04R\x06offset\x12\x12\n\x04\x64\x61ta\x18\x05 \x01(\x0cR\x04\x64\x61ta\x12\x12\n\x04\x64one\x18\x06 \x01(\x08R\x04\x64one\"V\n\x17InstallSnapshotResponse\x12\x1f\n\x0bnext_offset\x18\x01 \x01(\x04R\nnextOffset\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision\"K\n\x0f\x41nnounceRequest\x12\x1f\n\x0breplica_url\x18\x01 \x01(\tR\nreplicaUrl\x12\x17\n\x07node_id\x18\x02 \x01(\tR\x06nodeId\"p\n\x10\x41nnounceResponse\x12\x1f\n\x0bprimary_url\x18\x01 \x01(\tR\nprimaryUrl\x12%\n\x0ereplication_id\x18\x02 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch*\x9b\x01\n\nPushResult\x12\x1b\n\x17PUSH_RESULT_UNSPECIFIED\x10\x00\x12\x12\n\x0ePUSH_RESULT_OK\x10\x01\x12!\n\x1dPUSH_RESULT_POSITION_MISMATCH\x10\x02\x12 \n\x1cPUSH_RESULT_HISTORY_MISMATCH\x10\x03\x12\x17\n\x13PUSH_RESULT_REFUSED\x10\x04\x32\xf7\x01\n\x0bReplication\x12=\n\x04Push\x12\x19.kvservice.v1.PushRequest\x1a\x1a.kvservice.v1.PushResponse\x12^\n\x0fInstallSnapshot\x12$.kvservice.v1.InstallSnapshotRequest\x1a%.kvservice.v1.InstallSnapshotResponse\x12I\n\x08\x41nnounce\x12\x1d.kvservice.v1.AnnounceRequest\x1a\x1e.kvservice.v1.AnnounceResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ekvservice/v1/replication.proto\x12\x0ckvservice.v1\"\x9e\x02\n\x0bPrimaryInfo\x12\x10\n\x03url\x18\x01 \x01(\tR\x03url\x12\x17\n\x07node_id\x18\x02 \x01(\tR\x06nodeId\x12%\n\x0ereplication_id\x18\x03 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x04 \x01(\x04R\x05\x65poch\x12)\n\x10\x64urable_revision\x18\x05 \x01(\x04R\x0f\x64urableRevision\x12 \n\x0csent_unix_ms\x18\x06 \x01(\x03R\nsentUnixMs\x12.\n\x13prev_replication_id\x18\x07 \x01(\tR\x11prevReplicationId\x12*\n\x11prev_end_revision\x18\x08 \x01(\x04R\x0fprevEndRevision\"\xf1\x01\n\x0bPushRequest\x12\x33\n\x07primary\x18\x01 \x01(\x0b\x32\x19.kvservice.v1.PrimaryInfoR\x07primary\x12#\n\rprev_revision\x18\x02 \x01(\x04R\x0cprevRevision\x12\x18\n\x07records\x18\x03 \x03(\x0cR\x07records\x12-\n\x13last_commit_unix_ms\x18\x04 \x01(\x03R\x10lastCommitUnixMs\x12\'\n\x0f\x64igest_revision\x18\x05 \x01(\x04R\x0e\x64igestRevision\x12\x16\n\x06\x64igest\x18\x06 \x01(\x04R\x06\x64igest\"\xc8\x02\n\x0cPushResponse\x12\x30\n\x06result\x18\x01 \x01(\x0e\x32\x18.kvservice.v1.PushResultR\x06result\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision\x12)\n\x10\x64urable_revision\x18\x03 \x01(\x04R\x0f\x64urableRevision\x12%\n\x0ereplication_id\x18\x04 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x05 \x01(\x04R\x05\x65poch\x12\x17\n\x07node_id\x18\x06 \x01(\tR\x06nodeId\x12\x18\n\x07message\x18\x07 \x01(\tR\x07message\x12\x1f\n\x0bprimary_url\x18\x08 \x01(\tR\nprimaryUrl\x12.\n\x13prev_replication_id\x18\t \x01(\tR\x11prevReplicationId\"\xca\x01\n\x16InstallSnapshotRequest\x12\x33\n\x07primary\x18\x01 \x01(\x0b\x32\x19.kvservice.v1.PrimaryInfoR\x07primary\x12\x1f\n\x0btransfer_id\x18\x02 \x01(\tR\ntransferId\x12\x1a\n\x08revision\x18\x03 \x01(\x04R\x08revision\x12\x16\n\x06offset\x18\x04 \x01(\x04R\x06offset\x12\x12\n\x04\x64\x61ta\x18\x05 \x01(\x0cR\x04\x64\x61ta\x12\x12\n\x04\x64one\x18\x06 \x01(\x08R\x04\x64one\"V\n\x17InstallSnapshotResponse\x12\x1f\n\x0bnext_offset\x18\x01 \x01(\x04R\nnextOffset\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision\"K\n\x0f\x41nnounceRequest\x12\x1f\n\x0breplica_url\x18\x01 \x01(\tR\nreplicaUrl\x12\x17\n\x07node_id\x18\x02 \x01(\tR\x06nodeId\"p\n\x10\x41nnounceResponse\x12\x1f\n\x0bprimary_url\x18\x01 \x01(\tR\nprimaryUrl\x12%\n\x0ereplication_id\x18\x02 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x03 \x01(\x04R\x05\x65poch*\xbc\x01\n\nPushResult\x12\x1b\n\x17PUSH_RESULT_UNSPECIFIED\x10\x00\x12\x12\n\x0ePUSH_RESULT_OK\x10\x01\x12!\n\x1dPUSH_RESULT_POSITION_MISMATCH\x10\x02\x12 \n\x1cPUSH_RESULT_HISTORY_MISMATCH\x10\x03\x12\x17\n\x13PUSH_RESULT_REFUSED\x10\x04\x12\x1f\n\x1bPUSH_RESULT_DIGEST_MISMATCH\x10\x05\x32\xf7\x01\n\x0bReplication\x12=\n\x04Push\x12\x19.kvservice.v1.PushRequest\x1a\x1a.kvservice.v1.PushResponse\x12^\n\x0fInstallSnapshot\x12$.kvservice.v1.InstallSnapshotRequest\x1a%.kvservice.v1.InstallSnapshotResponse\x12I\n\x08\x41nnounce\x12\x1d.kvservice.v1.AnnounceRequest\x1a\x1e.kvservice.v1.AnnounceResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvservice.v1.replication_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUSHRESULT']._serialized_start=1284
-  _globals['_PUSHRESULT']._serialized_end=1439
+  _globals['_PUSHRESULT']._serialized_start=1397
+  _globals['_PUSHRESULT']._serialized_end=1585
   _globals['_PRIMARYINFO']._serialized_start=49
   _globals['_PRIMARYINFO']._serialized_end=335
   _globals['_PUSHREQUEST']._serialized_start=338
-  _globals['_PUSHREQUEST']._serialized_end=514
-  _globals['_PUSHRESPONSE']._serialized_start=517
-  _globals['_PUSHRESPONSE']._serialized_end=797
-  _globals['_INSTALLSNAPSHOTREQUEST']._serialized_start=800
-  _globals['_INSTALLSNAPSHOTREQUEST']._serialized_end=1002
-  _globals['_INSTALLSNAPSHOTRESPONSE']._serialized_start=1004
-  _globals['_INSTALLSNAPSHOTRESPONSE']._serialized_end=1090
-  _globals['_ANNOUNCEREQUEST']._serialized_start=1092
-  _globals['_ANNOUNCEREQUEST']._serialized_end=1167
-  _globals['_ANNOUNCERESPONSE']._serialized_start=1169
-  _globals['_ANNOUNCERESPONSE']._serialized_end=1281
-  _globals['_REPLICATION']._serialized_start=1442
-  _globals['_REPLICATION']._serialized_end=1689
+  _globals['_PUSHREQUEST']._serialized_end=579
+  _globals['_PUSHRESPONSE']._serialized_start=582
+  _globals['_PUSHRESPONSE']._serialized_end=910
+  _globals['_INSTALLSNAPSHOTREQUEST']._serialized_start=913
+  _globals['_INSTALLSNAPSHOTREQUEST']._serialized_end=1115
+  _globals['_INSTALLSNAPSHOTRESPONSE']._serialized_start=1117
+  _globals['_INSTALLSNAPSHOTRESPONSE']._serialized_end=1203
+  _globals['_ANNOUNCEREQUEST']._serialized_start=1205
+  _globals['_ANNOUNCEREQUEST']._serialized_end=1280
+  _globals['_ANNOUNCERESPONSE']._serialized_start=1282
+  _globals['_ANNOUNCERESPONSE']._serialized_end=1394
+  _globals['_REPLICATION']._serialized_start=1588
+  _globals['_REPLICATION']._serialized_end=1835
 # @@protoc_insertion_point(module_scope)

@@ -14,11 +14,13 @@ class PushResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PUSH_RESULT_POSITION_MISMATCH: _ClassVar[PushResult]
     PUSH_RESULT_HISTORY_MISMATCH: _ClassVar[PushResult]
     PUSH_RESULT_REFUSED: _ClassVar[PushResult]
+    PUSH_RESULT_DIGEST_MISMATCH: _ClassVar[PushResult]
 PUSH_RESULT_UNSPECIFIED: PushResult
 PUSH_RESULT_OK: PushResult
 PUSH_RESULT_POSITION_MISMATCH: PushResult
 PUSH_RESULT_HISTORY_MISMATCH: PushResult
 PUSH_RESULT_REFUSED: PushResult
+PUSH_RESULT_DIGEST_MISMATCH: PushResult
 
 class PrimaryInfo(_message.Message):
     __slots__ = ("url", "node_id", "replication_id", "epoch", "durable_revision", "sent_unix_ms", "prev_replication_id", "prev_end_revision")
@@ -41,19 +43,23 @@ class PrimaryInfo(_message.Message):
     def __init__(self, url: _Optional[str] = ..., node_id: _Optional[str] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., durable_revision: _Optional[int] = ..., sent_unix_ms: _Optional[int] = ..., prev_replication_id: _Optional[str] = ..., prev_end_revision: _Optional[int] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("primary", "prev_revision", "records", "last_commit_unix_ms")
+    __slots__ = ("primary", "prev_revision", "records", "last_commit_unix_ms", "digest_revision", "digest")
     PRIMARY_FIELD_NUMBER: _ClassVar[int]
     PREV_REVISION_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     LAST_COMMIT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_REVISION_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     primary: PrimaryInfo
     prev_revision: int
     records: _containers.RepeatedScalarFieldContainer[bytes]
     last_commit_unix_ms: int
-    def __init__(self, primary: _Optional[_Union[PrimaryInfo, _Mapping]] = ..., prev_revision: _Optional[int] = ..., records: _Optional[_Iterable[bytes]] = ..., last_commit_unix_ms: _Optional[int] = ...) -> None: ...
+    digest_revision: int
+    digest: int
+    def __init__(self, primary: _Optional[_Union[PrimaryInfo, _Mapping]] = ..., prev_revision: _Optional[int] = ..., records: _Optional[_Iterable[bytes]] = ..., last_commit_unix_ms: _Optional[int] = ..., digest_revision: _Optional[int] = ..., digest: _Optional[int] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("result", "revision", "durable_revision", "replication_id", "epoch", "node_id", "message", "primary_url")
+    __slots__ = ("result", "revision", "durable_revision", "replication_id", "epoch", "node_id", "message", "primary_url", "prev_replication_id")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     DURABLE_REVISION_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +68,7 @@ class PushResponse(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     PRIMARY_URL_FIELD_NUMBER: _ClassVar[int]
+    PREV_REPLICATION_ID_FIELD_NUMBER: _ClassVar[int]
     result: PushResult
     revision: int
     durable_revision: int
@@ -70,7 +77,8 @@ class PushResponse(_message.Message):
     node_id: str
     message: str
     primary_url: str
-    def __init__(self, result: _Optional[_Union[PushResult, str]] = ..., revision: _Optional[int] = ..., durable_revision: _Optional[int] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., message: _Optional[str] = ..., primary_url: _Optional[str] = ...) -> None: ...
+    prev_replication_id: str
+    def __init__(self, result: _Optional[_Union[PushResult, str]] = ..., revision: _Optional[int] = ..., durable_revision: _Optional[int] = ..., replication_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., message: _Optional[str] = ..., primary_url: _Optional[str] = ..., prev_replication_id: _Optional[str] = ...) -> None: ...
 
 class InstallSnapshotRequest(_message.Message):
     __slots__ = ("primary", "transfer_id", "revision", "offset", "data", "done")

@@ -1,0 +1,225 @@
+"""Failover building blocks against real nodes: promote, replicaof, fencing,
+wait_replicas and min_replicas (issue 9; the planned `failover` command, digests
+and backups are still to come)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+
+from kvservice.v1.admin_connect import AdminClientSync
+from kvservice.v1.admin_pb2 import ReplicationStatusRequest, ReplicationStatusResponse
+from kvservice.v1.kv_connect import KVStoreClientSync
+from kvservice.v1.kv_pb2 import GetRequest, SetRequest
+from tests.integration.conftest import ServerProcess, run_cli
+
+pytestmark = pytest.mark.integration
+FAST = ("--repl-heartbeat-seconds", "0.2", "--repl-retry-max-seconds", "0.5")
+
+
+def status(node: ServerProcess) -> ReplicationStatusResponse:
+    with AdminClientSync(node.url, timeout_ms=5000) as admin:
+        return admin.replication_status(ReplicationStatusRequest())
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def replica(make_server, tmp_path: Path, name: str, primary: str, *extra: str) -> ServerProcess:  # type: ignore[no-untyped-def]
+    return make_server(
+        "--role", "replica", "--primary-url", primary, *FAST, *extra,
+        data_dir=tmp_path / name,
+    ).start()  # fmt: skip
+
+
+def streaming(primary: ServerProcess, count: int) -> Callable[[], bool]:
+    def check() -> bool:
+        state = status(primary)
+        return sum(r.state == "streaming" and r.acked_revision >= state.revision
+                   for r in state.replicas) >= count  # fmt: skip
+
+    return check
+
+
+def set_(node: ServerProcess, key: str, value: bytes, **fields: int) -> int:
+    with node.client() as client:
+        return client.set(SetRequest(key=key, value=value, **fields)).revision
+
+
+def test_promote_and_replicaof_keep_every_replica_in_one_history(
+    make_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """Primary lost: promote the replica, repoint the other one (partial resync from
+    the fork point) and the old primary (its unshipped write goes to diverged/)."""
+    primary = make_server(*FAST, data_dir=tmp_path / "p").start()
+    r1 = replica(make_server, tmp_path, "r1", primary.url)
+    r2 = replica(make_server, tmp_path, "r2", primary.url)
+    for i in range(20):
+        set_(primary, f"k{i}", b"v", wait_replicas=2)
+    primary.kill()
+
+    promoted = json.loads(run_cli("promote", "--url", r1.url).stdout)
+    assert promoted["epoch"] == "1"
+    assert promoted["prevEndRevision"] == "20"
+    assert status(r1).role == "primary"
+    with pytest.raises(ConnectError) as refused:
+        set_(r2, "x", b"y")
+    assert refused.value.code == Code.FAILED_PRECONDITION
+    assert primary.url in refused.value.message
+
+    done = run_cli("replicaof", "--url", r2.url, "--primary", r1.url)
+    assert done.returncode == 0, done.stderr
+    assert set_(r1, "after", b"1", wait_replicas=1) == 21
+    wait_for("r2 streaming from r1", streaming(r1, 1))
+    [link] = status(r1).replicas
+    assert (link.partial_resyncs, link.full_resyncs) == (1, 0)
+
+    # The old primary comes back on its data dir (as configured: a primary) and
+    # takes a write its successor never sees, then is repointed.
+    old = make_server(*FAST, data_dir=tmp_path / "p", port=primary.port).start()
+    assert set_(old, "lost", b"!") == 21
+    assert run_cli("replicaof", "--url", old.url, "--primary", r1.url).returncode == 0
+    wait_for("old primary streaming from r1", streaming(r1, 2))
+    with old.client() as client:
+        assert client.get(GetRequest(key="after")).revision == 21
+        assert not client.get(GetRequest(key="lost")).found
+    diverged = list((tmp_path / "p" / "diverged").iterdir())
+    assert len(diverged) == 1
+    assert "count=1" in old.log() or '"count": 1' in old.log()
+    # Restarted, it stays a replica of r1 (the role set at run time is persisted).
+    old.stop()
+    old = make_server(*FAST, data_dir=tmp_path / "p", port=primary.port).start()
+    assert status(old).role == "replica"
+
+
+def test_a_primary_that_meets_a_higher_epoch_stops_taking_writes(
+    make_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The old primary, still running and never told, keeps pushing to r2; r2 (now
+    following the promoted r1, epoch 1) answers with its epoch and the old primary
+    is fenced: its writes are refused naming the new primary."""
+    primary = make_server(*FAST, data_dir=tmp_path / "p").start()
+    r1 = replica(make_server, tmp_path, "r1", primary.url)
+    r2 = replica(make_server, tmp_path, "r2", primary.url)
+    wait_for("both replicas streaming", streaming(primary, 2))
+    set_(primary, "a", b"1", wait_replicas=2)
+    run_cli("promote", "--url", r1.url)
+    assert run_cli("replicaof", "--url", r2.url, "--primary", r1.url).returncode == 0
+    set_(r1, "b", b"2", wait_replicas=1)  # r2 is in epoch 1 now
+
+    def fenced() -> bool:
+        try:
+            set_(primary, "late", b"x")
+        except ConnectError as exc:
+            return exc.code == Code.FAILED_PRECONDITION and r1.url in exc.message
+        return False
+
+    wait_for("the old primary fenced", fenced, timeout=30)
+    ready = httpx.get(f"{primary.url}/readyz", timeout=5)
+    assert ready.status_code == 503
+    assert "fenced" in ready.json()["reason"]
+    assert "fenced" in status(primary).fenced
+    with r1.client() as client:
+        assert not client.get(GetRequest(key="late")).found
+
+
+def test_wait_replicas_and_min_replicas(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    primary = make_server(
+        *FAST, "--min-replicas", "1", "--min-replicas-max-lag-seconds", "1",
+        data_dir=tmp_path / "p",
+    ).start()  # fmt: skip
+    # No replica yet: writes that could be lost with the primary are refused.
+    with pytest.raises(ConnectError) as refused:
+        set_(primary, "k", b"v")
+    assert refused.value.code == Code.UNAVAILABLE
+    assert "min_replicas" in refused.value.message
+    r1 = replica(make_server, tmp_path, "r1", primary.url)
+    wait_for("r1 streaming", streaming(primary, 1))
+    revision = set_(primary, "k", b"v", wait_replicas=1)
+    with r1.client() as client:  # acknowledged by r1 means durable there already
+        assert client.get(GetRequest(key="k")).revision == revision
+    # Asking for more replicas than exist: committed, but deadline_exceeded says so.
+    with primary.client() as client, pytest.raises(ConnectError) as short:
+        client.set(SetRequest(key="k2", value=b"v", wait_replicas=2), timeout_ms=500)
+    assert short.value.code == Code.DEADLINE_EXCEEDED
+    assert "only 1 of the 2" in short.value.message
+    with primary.client() as client:
+        assert client.get(GetRequest(key="k2")).found  # the write stays committed
+    r1.kill()
+    wait_for("writes refused without a healthy replica", lambda: _refused(primary), 15)
+
+
+def _refused(primary: ServerProcess) -> bool:
+    try:
+        set_(primary, "probe", b"p")
+    except ConnectError as exc:
+        return exc.code == Code.UNAVAILABLE
+    return False
+
+
+def test_planned_switchover_under_load_loses_no_acknowledged_write(
+    make_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """`kvservice failover --url P --to R` while writers run: every acknowledged write
+    is on the new primary; writers are told where to go; the pause is reported."""
+    primary = make_server(*FAST, data_dir=tmp_path / "p").start()
+    r1 = replica(make_server, tmp_path, "r1", primary.url)
+    r2 = replica(make_server, tmp_path, "r2", primary.url)
+    wait_for("both replicas streaming", streaming(primary, 2))
+    acked: dict[str, int] = {}
+    unexpected: list[ConnectError] = []
+    stop = threading.Event()
+
+    def writer(w: int) -> None:
+        target = primary.url
+        i = 0
+        while not stop.is_set() and i < 2000:
+            key = f"w{w}-{i}"
+            try:
+                with KVStoreClientSync(target, timeout_ms=5000) as client:
+                    acked[key] = client.set(SetRequest(key=key, value=b"x")).revision
+                i += 1
+            except ConnectError as exc:
+                # Refused during the switchover, by the demoted node, or by r1 in the
+                # moment before its promotion: go where the message says, as a client would.
+                if exc.code != Code.FAILED_PRECONDITION:
+                    unexpected.append(exc)
+                    return
+                target = exc.message.rsplit(" ", 1)[-1]
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    done = run_cli("failover", "--url", primary.url, "--to", r1.url)
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert done.returncode == 0, done.stderr
+    assert not unexpected, unexpected
+    report = json.loads(done.stdout)
+    assert float(report["writePauseMs"]) < 5000
+    assert sorted(report["repointed"]) == sorted([primary.url, r2.url])
+    assert status(r1).role == "primary"
+    assert status(primary).role == "replica"
+    wait_for("both follow r1", streaming(r1, 2))
+    for node in (r1, r2, primary):
+        with node.client() as client:
+            for key, revision in acked.items():
+                assert client.get(GetRequest(key=key)).revision == revision, (node.url, key)
