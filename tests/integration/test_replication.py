@@ -529,7 +529,7 @@ def test_min_revision_reads_your_writes_on_a_lagging_replica(cluster: Cluster) -
     """Get(min_revision=R) on a replica 150 ms behind answers the write made at R; a
     revision that never comes is deadline_exceeded, at the node's cap or the client's."""
     primary, (replica,) = cluster.primary_with_replicas(
-        1, replica_extra=("--min-revision-max-wait-ms", "400")
+        1, replica_extra=("--min-revision-max-wait-ms", "1500")
     )
     assert replica.proxy is not None
     replica.proxy.delay(0.15)
@@ -549,7 +549,7 @@ def test_min_revision_reads_your_writes_on_a_lagging_replica(cluster: Cluster) -
         error = connect_error(lambda: reader.get(GetRequest(key="ryw", min_revision=far)))
         took = time.monotonic() - sent
         assert error.code == Code.DEADLINE_EXCEEDED, error
-        assert took < 3, f"min_revision_max_wait_ms=400 but the answer took {took:.1f}s"
+        assert 1 < took < 5, f"min_revision_max_wait_ms=1500 but the answer took {took:.1f}s"
 
         error = connect_error(
             lambda: reader.get(GetRequest(key="ryw", min_revision=far), timeout_ms=300)
