@@ -146,7 +146,12 @@ def test_primary_and_two_replicas_converge_under_16_client_load(cluster: Cluster
         url = replica.advertise_url
         assert primary.metric("kvservice_replica_connected", replica=url) == 1
         assert primary.metric("kvservice_replica_lag_revisions", replica=url) == 0
+        assert primary.metric("kvservice_replica_lag_seconds", replica=url) < 5
+        names = {name for name, _ in primary.metrics()}
+        assert {"kvservice_replica_lag_seconds", "kvservice_replication_retries_total"} <= names
     assert primary.metric("kvservice_replication_role", role="primary") == 1
+    assert primary.metric("kvservice_replication_role", role="replica") == 0
+    assert ("kvservice_replication_epoch", frozenset()) in primary.metrics()
 
     for replica in replicas:
         mine = replica.status()
@@ -159,6 +164,8 @@ def test_primary_and_two_replicas_converge_under_16_client_load(cluster: Cluster
         assert mine.link.primary_url == primary.url
         assert replica.metric("kvservice_replication_applied_revision") == revision
         assert replica.metric("kvservice_replication_role", role="replica") == 1
+        assert replica.metric("kvservice_replication_lag_seconds") < 5
+        assert ("kvservice_replication_lag_seconds", frozenset()) in replica.metrics()
         assert replica.ready()[0] == 200
 
     # `kvservice status` prints the same message as JSON.
