@@ -30,6 +30,7 @@ from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import SnapshotRequest
 from kvservice.v1.kv_pb2 import DeleteRequest, GetRequest, SetRequest
 from kvservice.v1.replication_pb2 import PushRequest, PushResponse, PushResult
+from tests.faults.proxy import FaultProxy
 from tests.faults.workload import Burst, check_revisions, populate, verify_recovered
 from tests.integration.cluster import (
     SMALL_BACKLOG,
@@ -47,7 +48,7 @@ from tests.integration.cluster import (
     wait_streaming,
     wal_revisions,
 )
-from tests.integration.conftest import run_cli
+from tests.integration.conftest import ServerProcess, free_port, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -362,6 +363,24 @@ def test_primary_sigterm_with_a_push_in_flight_exits_cleanly(cluster: Cluster) -
     started = time.monotonic()
     primary.stop()
     print(f"the primary exited {time.monotonic() - started:.1f}s after SIGTERM")
+
+
+def test_replica_sigterm_while_announcing_to_an_unresponsive_primary_exits_cleanly(
+    cluster: Cluster,
+) -> None:
+    """SIGTERM while the replica's Announce waits on a primary that never answers (a
+    black hole): the replica still shuts down and exits 0."""
+    hole = FaultProxy(free_port()).start()
+    cluster.proxies.append(hole)
+    hole.blackhole()
+    nowhere = Node("nowhere", ServerProcess(data_dir=cluster.root / "nowhere", port=hole.port),
+                   "primary")  # fmt: skip
+    replica = cluster.add_replica(nowhere)
+    wait_for(lambda: hole.stats().connections > 0, timeout=10, what="an announce in flight")
+    time.sleep(0.5)
+    started = time.monotonic()
+    replica.stop()
+    print(f"the replica exited {time.monotonic() - started:.1f}s after SIGTERM")
 
 
 # -- 5. backlog exhausted -----------------------------------------------------------------
