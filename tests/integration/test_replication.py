@@ -118,14 +118,41 @@ def connect_error(call: Callable[[], object]) -> ConnectError:
 
 
 def test_primary_and_two_replicas_converge_under_16_client_load(cluster: Cluster) -> None:
-    """After a 16-client load stops, both replicas answer every key like the primary."""
+    """After a 16-client load stops, both replicas answer every key like the primary;
+    during it, reads on the replicas only ever show acknowledged writes, never going
+    back in time."""
     primary, replicas = cluster.primary_with_replicas(2)
 
     load = burst(primary, "conv", max_ops=150)
+    watched = sorted(burst_keys(load))[::12]
+    seen: list[tuple[str, str, bytes, int]] = []  # (replica, key, value, revision)
+
+    def watch(replica: Node) -> None:
+        with replica.client(timeout_ms=5_000) as client:
+            while any(t.is_alive() for t in load.threads):
+                for key in watched:
+                    got = client.get(GetRequest(key=key))
+                    if got.found:
+                        seen.append((replica.name, key, got.value, got.revision))
+                time.sleep(0.05)  # a light read load: the writes are what is measured
+
+    watchers = [threading.Thread(target=watch, args=(r,), daemon=True) for r in replicas]
+    for thread in watchers:
+        thread.start()
     finish(load, seconds=30)
+    for thread in watchers:
+        thread.join(10)
     assert not load.errors(), load.errors()
     assert load.acked_count() == 16 * 150
     check_revisions(load.acks())
+
+    written = {(op.key, op.revision): op.value for op in load.acks() if op.kind == "set"}
+    latest: dict[tuple[str, str], int] = {}
+    for name, key, value, revision in seen:
+        assert written.get((key, revision)) == value, f"{name} showed {key}@{revision}={value!r}"
+        assert revision >= latest.get((name, key), 0), f"{name} went back in time on {key}"
+        latest[name, key] = revision
+    assert len(seen) > 100, f"only {len(seen)} reads on the replicas during the load"
 
     revision = wait_caught_up(primary, replicas)
     assert_converged(primary, replicas, burst_keys(load))
