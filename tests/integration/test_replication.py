@@ -477,9 +477,12 @@ def test_backlog_exhausted_one_full_resync_and_old_data_served_throughout(
     during: list[int] = []  # the read count each time the replica said full-sync
 
     def synced() -> bool:
+        code, body = replica.ready()  # before the status: full-sync then covers it too
         link = replica.status().link
         if link.state == "full-sync":
             during.append(reads)
+            if code != 503:
+                problems.append(f"/readyz {code} {body} during the full resync")
         entry = replica_status(primary, replica)
         return link.state == "streaming" and entry is not None and entry.state == "streaming"
 
@@ -491,7 +494,7 @@ def test_backlog_exhausted_one_full_resync_and_old_data_served_throughout(
         done.set()
         reader.join(30)
     print(f"{reads} reads, {len(during)} looks at the replica in full-sync: {during}")
-    assert not problems, f"{len(problems)} bad reads on the replica: {problems[:10]}"
+    assert not problems, f"{len(problems)} problems on the replica: {problems[:10]}"
     assert len(during) >= 2, "the full resync was never seen in progress"
     assert during[-1] > during[0], f"no reads were served during the full resync: {during}"
     assert not meanwhile.errors(), meanwhile.errors()
@@ -855,6 +858,10 @@ def test_replica_repointed_to_unrelated_primary_ends_equal_to_it(
     mine = replica.status()
     assert mine.replication_id == b.status().replication_id
     assert mine.link.primary_url == b.url
+    with replica.client() as client:
+        error = connect_error(lambda: client.set(SetRequest(key="x", value=b"x")))
+    assert error.code == Code.FAILED_PRECONDITION, error
+    assert b.url in error.message, error.message
     assert full_and_partial(b, replica) == (1, 0)
 
     replica.stop()
