@@ -418,7 +418,9 @@ def test_backlog_exhausted_one_full_resync_and_old_data_served_throughout(
 ) -> None:
     """A replica away while snapshots purged the WAL it needs gets exactly one full resync,
     serving its old data (never an error, never a missing key) until the switch."""
-    primary, (replica,) = cluster.primary_with_replicas(1, SMALL_BACKLOG)
+    # Snapshots go out in 4 KiB pieces: the resync spans several round trips.
+    small_pieces = ("--repl-batch-max-bytes", "4096")
+    primary, (replica,) = cluster.primary_with_replicas(1, (*SMALL_BACKLOG, *small_pieces))
     kept = populate(primary.server, 200, prefix="kept/")
     gone = populate(primary.server, 50, prefix="gone/")
     assert_converged(primary, [replica], [*kept, *gone])
@@ -469,7 +471,7 @@ def test_backlog_exhausted_one_full_resync_and_old_data_served_throughout(
     # Writes go on during the resync: the entries after the snapshot follow it. A link
     # delay stretches the resync over many reads.
     assert replica.proxy is not None
-    replica.proxy.delay(0.15)
+    replica.proxy.delay(0.2)
     meanwhile = burst(primary, "meanwhile", clients=2, max_ops=300)
     replica.start()
     reader = threading.Thread(target=read_old_data, daemon=True)
@@ -482,9 +484,14 @@ def test_backlog_exhausted_one_full_resync_and_old_data_served_throughout(
         if link.state == "full-sync":
             during.append(reads)
             if code != 503:
-                problems.append(f"/readyz {code} {body} during the full resync")
+                problems.append(
+                    f"/readyz {code} {body} just before or during the full resync, at revision"
+                    f" {replica.status().revision} of the primary's {primary.status().revision}"
+                )
+        if link.state != "streaming":
+            return False
         entry = replica_status(primary, replica)
-        return link.state == "streaming" and entry is not None and entry.state == "streaming"
+        return entry is not None and entry.state == "streaming"
 
     try:
         wait_for(synced, timeout=60, what="the full resync", interval=0.02)
@@ -681,6 +688,42 @@ def test_unlinked_replica_not_ready_serves_reads_and_refuses_future_revisions(
     primary.start()
     wait_streaming(primary, replica)
     wait_for(lambda: replica.ready()[0] == 200, timeout=10, what="replica ready again")
+
+
+def test_replica_catching_up_on_old_writes_is_not_ready(cluster: Cluster) -> None:
+    """A replica restarted behind by writes older than replica_max_lag_seconds answers
+    /readyz 503 until it has caught up (a load balancer must not send reads to it)."""
+    primary, (replica,) = cluster.primary_with_replicas(
+        1, ("--repl-batch-max-entries", "20"), ("--replica-max-lag-seconds", "1")
+    )
+    write(primary, "before/", 50, "p")
+    wait_caught_up(primary, [replica])
+    replica.stop()
+    write(primary, "missed/", 200, "p")
+    target = primary.status().revision
+    time.sleep(1.5)  # every missed write is now older than replica_max_lag_seconds
+    assert replica.proxy is not None
+    replica.proxy.delay(0.25)  # ten batches of 20, half a second each
+    replica.start()
+    looks: list[tuple[int, int]] = []  # (/readyz status, the replica's revision after it)
+
+    def caught_up() -> bool:
+        code, _ = replica.ready()
+        revision = replica.status().revision
+        looks.append((code, revision))
+        return revision >= target
+
+    wait_for(caught_up, timeout=60, what="the replica to catch up", interval=0.05)
+    behind = [(code, rev) for code, rev in looks if rev < target - 20]
+    print(f"{len(looks)} looks while catching up: {looks}")
+    assert len(behind) >= 3, f"catching up was not observed: {looks}"
+    ready_while_behind = [(code, rev) for code, rev in behind if code == 200]
+    assert not ready_while_behind, (
+        f"/readyz 200 at revisions {[rev for _, rev in ready_while_behind]} while writes up to"
+        f" {target}, older than replica_max_lag_seconds, were still missing"
+    )
+    replica.proxy.heal()
+    wait_for(lambda: replica.ready()[0] == 200, timeout=15, what="ready once caught up")
 
 
 # -- 8. duplicate and reordered batches ---------------------------------------------------
