@@ -246,6 +246,14 @@ class Cluster:
             wait_streaming(primary, replica)
         return primary, replicas
 
+    def black_hole(self, name: str = "nowhere") -> Node:
+        """A stand-in primary that accepts connections and never answers (a FaultProxy in
+        black-hole mode); never started, it only gives replicas a URL to point at."""
+        hole = FaultProxy(free_port()).start()
+        self.proxies.append(hole)
+        hole.blackhole()
+        return Node(name, ServerProcess(data_dir=self.root / name, port=hole.port), "primary")
+
     def _server(self, name: str, data_dir: Path | None = None) -> ServerProcess:
         return ServerProcess(data_dir=data_dir or self.root / name, port=free_port())
 
