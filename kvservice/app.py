@@ -24,6 +24,7 @@ from kvservice.health.v1.health_connect import HealthASGIApplication
 from kvservice.healthcheck import HealthService
 from kvservice.metrics import RpcMetricsMiddleware
 from kvservice.replication.service import ReplicationService
+from kvservice.security import Security
 from kvservice.service import AdminService, KVStoreService
 from kvservice.v1 import admin_pb2, kv_pb2
 from kvservice.v1.admin_connect import AdminASGIApplication
@@ -123,11 +124,11 @@ def create_app(
     """Build the ASGI app serving `node`; the lifespan starts and closes the node."""
     codec.install()
     max_body = settings.max_value_bytes * 4 // 3 + REQUEST_OVERHEAD_BYTES
+    security = Security(settings, metrics.security)
     kv = KVStoreASGIApplication(
-        KVStoreService(node, replication),
-        read_max_bytes=max_body,
-        compressions=[BoundedGzip(max_body)],
-    )
+        KVStoreService(node, replication), read_max_bytes=max_body,
+        compressions=[BoundedGzip(max_body)], interceptors=security.interceptors(),
+    )  # fmt: skip
     # Small requests only: their messages have no value field.
     small = REQUEST_OVERHEAD_BYTES
     admin = AdminASGIApplication(
@@ -189,9 +190,10 @@ def create_app(
         admin.path: RequestGuard(admin, small),
         repl.path: RequestGuard(repl, repl_body),
     }
-    return Starlette(
+    app = Starlette(
         middleware=[
             *_cors(settings.cors_origins),
+            *security.middleware(),
             Middleware(ConnectMounts, mounts=connect_mounts),
         ],
         routes=[
@@ -201,6 +203,8 @@ def create_app(
         ],
         lifespan=lifespan,
     )
+    app.state.security = security  # reloaded on SIGHUP (security.harden)
+    return app
 
 
 def _cors(origins: tuple[str, ...]) -> list[Middleware]:
@@ -217,7 +221,9 @@ def _cors(origins: tuple[str, ...]) -> list[Middleware]:
                 "Connect-Accept-Encoding", "Connect-Content-Encoding", "Authorization",
                 "X-User-Agent", "X-Grpc-Web", "Grpc-Timeout",
             ],
-            expose_headers=["Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin"],
+            expose_headers=[
+                "Grpc-Status", "Grpc-Message", "Grpc-Status-Details-Bin", "Retry-After",
+            ],
             max_age=7200,
         )
     ]  # fmt: skip

@@ -14,6 +14,7 @@ import sys
 
 from connectrpc.errors import ConnectError
 
+from kvservice.remote import Remote
 from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import DigestRequest, DigestResponse
 
@@ -22,13 +23,15 @@ BUCKETS = 256
 ATTEMPTS = 20
 
 
-def check_nodes(primary_url: str, replica_url: str) -> int:
+def check_nodes(primary_url: str, replica_url: str, remote: Remote) -> int:
+    client = remote.http_client
     try:
         with (
-            AdminClientSync(primary_url, timeout_ms=60_000) as primary,
-            AdminClientSync(replica_url, timeout_ms=60_000) as replica,
+            AdminClientSync(primary_url, timeout_ms=60_000, http_client=client) as primary,
+            AdminClientSync(replica_url, timeout_ms=60_000, http_client=client) as replica,
         ):
-            pair = _at_one_revision(primary, replica, DigestRequest(buckets=BUCKETS))
+            call = _Caller(primary, replica, remote.headers)
+            pair = call.at_one_revision(DigestRequest(buckets=BUCKETS))
             if pair is None:
                 print("kvservice: the nodes never stood at one revision (writes too frequent);"
                       " try again when it is quieter", file=sys.stderr)  # fmt: skip
@@ -41,8 +44,7 @@ def check_nodes(primary_url: str, replica_url: str) -> int:
                 i for i, (a, b) in enumerate(zip(p.bucket_digests, r.bucket_digests, strict=True))
                 if a != b
             ]  # fmt: skip
-            listed = DigestRequest(buckets=BUCKETS, list_buckets=differing)
-            keys = _at_one_revision(primary, replica, listed)
+            keys = call.at_one_revision(DigestRequest(buckets=BUCKETS, list_buckets=differing))
     except ConnectError as exc:
         print(f"kvservice: check failed: {exc.code.value}: {exc.message}", file=sys.stderr)
         return UNUSABLE
@@ -53,20 +55,28 @@ def check_nodes(primary_url: str, replica_url: str) -> int:
     return DIFFERENT
 
 
-def _at_one_revision(
-    primary: AdminClientSync, replica: AdminClientSync, request: DigestRequest
-) -> tuple[DigestResponse, DigestResponse] | None:
-    p = primary.digest(request)
-    for _ in range(ATTEMPTS):
-        ask = DigestRequest()
-        ask.CopyFrom(request)
-        ask.min_revision = p.revision
-        r = replica.digest(ask)
-        if r.revision == p.revision:
-            return p, r
-        ask.min_revision = r.revision
-        p = primary.digest(ask)
-    return None
+class _Caller:
+    def __init__(
+        self, primary: AdminClientSync, replica: AdminClientSync, headers: dict[str, str]
+    ) -> None:
+        self.primary, self.replica, self.headers = primary, replica, headers
+
+    def at_one_revision(
+        self, request: DigestRequest
+    ) -> tuple[DigestResponse, DigestResponse] | None:
+        """Both digests at one revision: the replica waits for the primary's, and
+        under writes both are asked again until they meet."""
+        p = self.primary.digest(request, headers=self.headers)
+        for _ in range(ATTEMPTS):
+            ask = DigestRequest()
+            ask.CopyFrom(request)
+            ask.min_revision = p.revision
+            r = self.replica.digest(ask, headers=self.headers)
+            if r.revision == p.revision:
+                return p, r
+            ask.min_revision = r.revision
+            p = self.primary.digest(ask, headers=self.headers)
+        return None
 
 
 def _key_differences(p: DigestResponse, r: DigestResponse) -> list[str]:

@@ -19,7 +19,10 @@ from kvservice import __version__, logs
 from kvservice.checker import check_nodes
 from kvservice.config import ConfigError, Settings, load, shown_value, sources
 from kvservice.errors import StorageError
+from kvservice.peers import peer_access
+from kvservice.remote import Remote, add_remote_flags, remote_transport
 from kvservice.replication.state import ReplicationState, new_id, save_state
+from kvservice.security import check_settings
 from kvservice.server import CannotServe, serve
 from kvservice.storage import repair
 from kvservice.storage.backup import restore as restore_backup
@@ -28,8 +31,8 @@ from kvservice.storage.recovery import recover
 from kvservice.storage.snapshot import load_snapshot
 from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import (
-    BackupChunk,
     BackupRequest,
+    BackupResponse,
     FailoverRequest,
     PromoteRequest,
     ReplicaOfRequest,
@@ -90,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         remote.add_argument("--config", default=None, help="YAML config file")
         remote.add_argument("--host", default=None, help="node host, when --url is not given")
         remote.add_argument("--port", default=None, help="node port, when --url is not given")
+        add_remote_flags(remote)
 
     promote = commands.add_parser(
         "promote", help="turn a replica into a primary: new history, epoch + 1 (Admin/Promote)"
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true",
         help="accept that primary even if its epoch is lower (after deciding its data wins)",
     )  # fmt: skip
+    for remote in (promote, replicaof, backup, check, failover):
+        add_remote_flags(remote)
 
     config = commands.add_parser("config", help="settings")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -162,6 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    try:
+        check_settings(settings)  # protected mode; credential and certificate files load
+        peer_access(settings)  # the token and TLS material this node calls its peers with
+    except ConfigError as exc:
+        log.critical("cannot start", extra={"error": str(exc)})
+        print(f"kvservice: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     log.info("starting", extra={"version": __version__, **_summary(settings)})
     try:
         lock = lock_data_dir(settings.data_dir)
@@ -200,10 +213,31 @@ def _serve(settings: Settings) -> int:
     return EXIT_OK
 
 
-def _snapshot(url: str) -> int:
-    with AdminClientSync(url, timeout_ms=600_000) as admin:
+REMOTE_COMMANDS = ("promote", "replicaof", "failover", "snapshot", "status", "backup", "check")
+
+
+def _remote(args: argparse.Namespace, settings: Settings) -> int:
+    """Commands that call a running node's Admin service (token and TLS: remote.py)."""
+    try:
+        remote = remote_transport(settings, args.token_file)
+    except ConfigError as exc:
+        print(f"kvservice: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "check":
+        return check_nodes(args.primary, args.replica, remote)
+    if args.command in ("snapshot", "status"):
+        scheme = "https" if settings.tls_cert_file or settings.tls_ca_file else "http"
+        args.url = args.url or f"{scheme}://{settings.host}:{settings.port}"
+    handler = {"snapshot": _snapshot, "status": _status, "backup": _backup}.get(
+        args.command, _role_change
+    )
+    return handler(args, remote)
+
+
+def _snapshot(args: argparse.Namespace, remote: Remote) -> int:
+    with AdminClientSync(args.url, timeout_ms=600_000, http_client=remote.http_client) as admin:
         try:
-            reply = admin.snapshot(SnapshotRequest())
+            reply = admin.snapshot(SnapshotRequest(), headers=remote.headers)
         except ConnectError as exc:
             print(f"kvservice: snapshot failed: {exc.code.value}: {exc.message}", file=sys.stderr)
             return EXIT_ERROR
@@ -211,31 +245,16 @@ def _snapshot(url: str) -> int:
     return EXIT_OK
 
 
-REMOTE_COMMANDS = ("promote", "replicaof", "failover", "snapshot", "status", "backup", "check")
-
-
-def _remote(args: argparse.Namespace, settings: Settings) -> int:
-    """Commands that call a running node's Admin service."""
-    if args.command in ("promote", "replicaof", "failover"):
-        return _role_change(args)
-    if args.command == "backup":
-        return _backup(args.url, args.out)
-    if args.command == "check":
-        return check_nodes(args.primary, args.replica)
-    url = args.url or f"http://{settings.host}:{settings.port}"
-    return _snapshot(url) if args.command == "snapshot" else _status(url)
-
-
-def _role_change(args: argparse.Namespace) -> int:
-    with AdminClientSync(args.url, timeout_ms=60_000) as admin:
+def _role_change(args: argparse.Namespace, remote: Remote) -> int:
+    with AdminClientSync(args.url, timeout_ms=60_000, http_client=remote.http_client) as admin:
         try:
             if args.command == "promote":
-                reply: Any = admin.promote(PromoteRequest())
+                reply: Any = admin.promote(PromoteRequest(), headers=remote.headers)
             elif args.command == "failover":
-                reply = admin.failover(FailoverRequest(to=args.to))
+                reply = admin.failover(FailoverRequest(to=args.to), headers=remote.headers)
             else:
                 request = ReplicaOfRequest(primary_url=args.primary, force=args.force)
-                reply = admin.replica_of(request)
+                reply = admin.replica_of(request, headers=remote.headers)
         except ConnectError as exc:
             print(f"kvservice: {args.command} failed: {exc.code.value}: {exc.message}",
                   file=sys.stderr)  # fmt: skip
@@ -244,14 +263,20 @@ def _role_change(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _backup(url: str, out: Path) -> int:
+def _backup(args: argparse.Namespace, remote: Remote) -> int:
     """Write the stream to OUT.tmp, check its SHA-256 and every record, then rename."""
+    out: Path = args.out
     tmp = out.with_name(out.name + ".tmp")
     digest = hashlib.sha256()
-    last = BackupChunk()
+    last = BackupResponse()
     try:
-        with AdminClientSync(url, timeout_ms=3_600_000) as admin, open(tmp, "wb") as f:
-            for chunk in admin.backup(BackupRequest()):
+        with (
+            AdminClientSync(
+                args.url, timeout_ms=3_600_000, http_client=remote.http_client
+            ) as admin,
+            open(tmp, "wb") as f,
+        ):
+            for chunk in admin.backup(BackupRequest(), headers=remote.headers):
                 f.write(chunk.data)
                 digest.update(chunk.data)
                 last = chunk
@@ -297,10 +322,10 @@ def _restore(backup: Path, data_dir: Path, *, force: bool) -> int:
     return EXIT_OK
 
 
-def _status(url: str) -> int:
-    with AdminClientSync(url, timeout_ms=10_000) as admin:
+def _status(args: argparse.Namespace, remote: Remote) -> int:
+    with AdminClientSync(args.url, timeout_ms=10_000, http_client=remote.http_client) as admin:
         try:
-            reply = admin.replication_status(ReplicationStatusRequest())
+            reply = admin.replication_status(ReplicationStatusRequest(), headers=remote.headers)
         except ConnectError as exc:
             print(f"kvservice: status failed: {exc.code.value}: {exc.message}", file=sys.stderr)
             return EXIT_USAGE

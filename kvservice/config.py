@@ -30,6 +30,7 @@ FsyncMode = Literal["always", "everysec", "no"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["json", "text"]
 Role = Literal["primary", "replica"]
+AuthMode = Literal["none", "token"]
 
 
 class ConfigError(Exception):
@@ -127,6 +128,90 @@ class Settings(BaseSettings):
         description="a replica counts as healthy for min_replicas when connected and"
         " lagging less than this",
     )  # fmt: skip
+
+    # --- Security (README "Security"): TLS, authentication, limits, hostile input ---
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve HTTPS")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it (mTLS)"
+    )
+    tls_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle to verify the nodes this one calls (CLI --url, replication)",
+    )
+    repl_token_file: Path | None = Field(
+        None,
+        description="file holding the bearer token this node presents to other nodes"
+        " (replication pushes and announcements: role replication; a switchover's Admin"
+        " calls: role admin)",
+    )  # fmt: skip
+    auth: AuthMode = Field("none", description="none, or token: every RPC needs a bearer token")
+    tokens_file: Path | None = Field(
+        None, description="YAML file of static tokens (SHA-256 hashes) with roles and prefixes"
+    )
+    jwt_hs256_secret_file: Path | None = Field(
+        None, description="file holding the HS256 secret that signs JWTs"
+    )
+    jwt_jwks_file: Path | None = Field(
+        None, description="JWKS file with the RS256/ES256 public keys that sign JWTs"
+    )
+    jwt_issuer: str | None = Field(None, description="required `iss` claim of JWTs")
+    jwt_audience: str | None = Field(None, description="required `aud` claim of JWTs")
+    jwt_prefix_template: str = Field(
+        "user:{sub}:", description="key prefix a JWT holder is confined to; empty = every key"
+    )
+    jwt_roles_claim: str = Field("roles", description="JWT claim holding the list of roles")
+    jwt_default_roles: str = Field(
+        "read,write", description="roles of a JWT without the roles claim, comma-separated"
+    )
+    jwt_shared_prefixes: str | None = Field(
+        None, description="extra prefixes for JWT holders: prefix=role+role, comma-separated"
+    )
+    jwt_leeway_seconds: float = Field(
+        30.0, ge=0, le=3600, description="clock skew allowed on exp and nbf"
+    )
+    metrics_auth: bool = Field(False, description="/metrics needs a token with the admin role")
+    rate_limit_rps: float = Field(
+        0.0, ge=0, description="requests per second per identity; 0 = no rate limit"
+    )
+    rate_limit_burst: int = Field(
+        0, ge=0, description="token bucket size per identity; 0 = rate_limit_rps rounded up"
+    )
+    rate_limit_roles: str | None = Field(
+        None, description="per-role overrides: role=rps[:burst], comma-separated; rps 0 = no limit"
+    )
+    max_concurrent_requests: int = Field(
+        0, ge=0, description="RPCs served at once before resource_exhausted; 0 = no limit"
+    )
+    max_connections: int = Field(
+        0, ge=0, description="open connections before new requests get 503; 0 = no limit"
+    )
+    max_header_bytes: int = Field(
+        32 * KiB, ge=1 * KiB, le=1 * MiB, description="largest request line + headers"
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600, description="time a client has to send its request headers"
+    )
+    body_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="time a client has to send a request body"
+    )
+    linger_seconds: float = Field(
+        5.0, ge=0, le=600, description="how long an unread body is drained after an early reply"
+    )
+    insecure: bool = Field(
+        False, description="allow a non-loopback host with auth none (protected mode off)"
+    )
+
+    @field_validator(
+        "jwt_leeway_seconds", "rate_limit_rps", "rate_limit_burst", "max_concurrent_requests",
+        "max_connections", "max_header_bytes", "header_timeout_seconds", "body_timeout_seconds",
+        "linger_seconds", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _no_booleans_as_security_numbers(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("expected a number, got a boolean")
+        return value
 
     @field_validator(
         "port", "max_key_bytes", "max_value_bytes", "wal_segment_bytes",

@@ -85,6 +85,14 @@ class FeedOverflow(KVError):
         self.last_revision = last_revision
 
 
+class Unauthenticated(KVError):
+    """The caller sent no credential, or one that is unknown, expired or badly signed."""
+
+
+class PermissionDenied(KVError):
+    """The caller is known but lacks the role or the key prefix this request needs."""
+
+
 class StorageError(KVError):
     """The on-disk state is unusable; raised at start-up, by `wal check` and snapshots."""
 

@@ -30,6 +30,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from kvservice.audit import SecurityStats
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, MutableMapping
 
@@ -162,6 +164,8 @@ class Metrics:
         PlatformCollector(registry=r)
         self.rpcs = RpcStats()
         r.register(self.rpcs)
+        self.security = SecurityStats()
+        r.register(self.security)
         self.fsync_seconds = Histogram(
             "kvservice_wal_fsync_duration_seconds", "Time of one WAL fsync",
             buckets=LATENCY_BUCKETS, registry=r,

@@ -19,8 +19,10 @@ from kvservice.engine import Store
 from kvservice.feed import CommitFeed
 from kvservice.metrics import Metrics, NodeGauges, ReplicationGauges
 from kvservice.node import Limits, Node
+from kvservice.peers import peer_access
 from kvservice.replication.manager import ReplicationManager
 from kvservice.replication.state import load_state
+from kvservice.security import harden
 from kvservice.snapshots import Snapshotter
 from kvservice.storage.recovery import Recovery
 from kvservice.storage.retention import Retention
@@ -132,7 +134,8 @@ def build_replication(settings: Settings, node: Node, metrics: Metrics) -> Repli
         node.swap_storage(store, wal, feed, snapshotter)
         wal.start()
 
-    manager = ReplicationManager(settings, load_state(settings.data_dir), node, rebuild)
+    state = load_state(settings.data_dir)
+    manager = ReplicationManager(settings, state, node, rebuild, peer_access(settings))
     metrics.watch_replication(
         ReplicationGauges(
             role=lambda: manager.role,
@@ -202,6 +205,7 @@ def serve(settings: Settings, recovery: Recovery) -> None:
         server_header=False,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
     )
+    harden(config, settings)  # TLS, slow-client limits, SIGHUP reload
     try:
         Server(config, on_first_signal=node.begin_drain).run()
     except SystemExit as exc:

@@ -30,6 +30,7 @@ from kvservice.errors import (
     ReplicationRefused,
 )
 from kvservice.node import Node
+from kvservice.peers import Peers
 from kvservice.replication.primary import Sender
 from kvservice.replication.replica import LinkView, Rebuild, ReplicaSide
 from kvservice.replication.state import ReplicationState, new_id, save_state
@@ -65,9 +66,16 @@ class SenderView:
 
 class ReplicationManager:
     def __init__(
-        self, settings: Settings, state: ReplicationState, node: Node, rebuild: Rebuild
+        self,
+        settings: Settings,
+        state: ReplicationState,
+        node: Node,
+        rebuild: Rebuild,
+        peers: Peers | None = None,
     ) -> None:
         self.settings = settings
+        # Token and TLS for calls to other nodes (peers.py).
+        self.peers = peers or Peers()
         self.state = state
         self.node = node
         # A role set at run time (Promote, ReplicaOf) wins over the configured one.
@@ -236,8 +244,8 @@ class ReplicationManager:
                     f"{to} did not make revision {target} durable within {seconds:.0f} s"
                     f" (it has {sender.acked}); writes resumed here"
                 )
-            async with AdminClient(to, timeout_ms=30_000) as admin:
-                promoted = await admin.promote(PromoteRequest())
+            async with self.admin_client(to, 30_000) as admin:
+                promoted = await admin.promote(PromoteRequest(), headers=self.peers.headers)
         except BaseException:
             self.switching_to = ""
             raise
@@ -247,8 +255,9 @@ class ReplicationManager:
         repointed, failed = [self.settings.own_url], []
         for url in others:
             try:
-                async with AdminClient(url, timeout_ms=10_000) as admin:
-                    await admin.replica_of(ReplicaOfRequest(primary_url=to))
+                async with self.admin_client(url, 10_000) as admin:
+                    request = ReplicaOfRequest(primary_url=to)
+                    await admin.replica_of(request, headers=self.peers.headers)
                 repointed.append(url)
             except (ConnectError, OSError) as exc:
                 log.error("could not repoint a replica", extra={"replica": url, "error": str(exc)})
@@ -260,6 +269,9 @@ class ReplicationManager:
         )
         return FailoverResult(target, pause_ms, promoted.replication_id, promoted.epoch,
                               repointed, failed)  # fmt: skip
+
+    def admin_client(self, url: str, timeout_ms: int) -> AdminClient:
+        return AdminClient(url, timeout_ms=timeout_ms, http_client=self.peers.http_client)
 
     async def wait_for_replicas_at(self, sender: Sender, revision: int, seconds: float) -> bool:
         """Wait until this one replica made `revision` durable (False after `seconds`)."""

@@ -31,7 +31,7 @@ from connectrpc.errors import ConnectError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     wait_exponential_jitter,
 )
 
@@ -63,6 +63,9 @@ class LinkError(Exception):
     """The session with a replica ended; the sender reconnects (with backoff)."""
 
 
+RETRYABLE = (LinkError, ConnectError, OSError, Compacted)
+
+
 class Sender:
     """Keeps one replica up to date."""
 
@@ -86,7 +89,12 @@ class Sender:
         self._behind_since: float | None = None
         self._progressed = False
         self._wake = asyncio.Event()
-        self._client = ReplicationClient(url, timeout_ms=PUSH_TIMEOUT_MS, send_compression=None)
+        self._closing = False
+        self._headers = manager.peers.headers
+        self._client = ReplicationClient(
+            url, timeout_ms=PUSH_TIMEOUT_MS, send_compression=None,
+            http_client=manager.peers.http_client,
+        )  # fmt: skip
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------
@@ -95,19 +103,21 @@ class Sender:
         self._task = asyncio.create_task(self._run(), name=f"sender {self.url}")
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
+            # connect-python turns a cancelled call into ConnectError(CANCELED): the
+            # loop checks _closing too, and the wait is bounded regardless.
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=5)
         self._release()
         await self._client.close()
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             self._progressed = False
             retrying = AsyncRetrying(
                 wait=wait_exponential_jitter(initial=0.05, max=self.retry_max, jitter=0.2),
-                retry=retry_if_exception_type((LinkError, ConnectError, OSError, Compacted)),
+                retry=retry_if_exception(self._retryable),
                 before_sleep=self._before_retry,
                 sleep=self._backoff,
                 reraise=True,
@@ -123,12 +133,17 @@ class Sender:
                 self._fail(f"internal error: {exc!r}")
                 await asyncio.sleep(self.retry_max)
 
+    def _retryable(self, exc: BaseException) -> bool:
+        return not self._closing and isinstance(exc, RETRYABLE)
+
     async def _session_until_progress_lost(self) -> None:
         """One session; a failure after the session got going returns (reconnect at
         once with fresh backoff) instead of raising (backoff grows)."""
         try:
             await self._session()
-        except (LinkError, ConnectError, OSError, Compacted) as exc:
+        except RETRYABLE as exc:
+            if self._closing:
+                raise ShuttingDown("the sender is closing") from exc
             self._fail(_describe(exc))
             if not self._progressed:
                 raise
@@ -291,7 +306,7 @@ class Sender:
         request = PushRequest(primary=self._info(), prev_revision=prev_revision, records=records)
         if digest is not None:
             request.digest_revision, request.digest = digest
-        reply = await self._client.push(request)
+        reply = await self._client.push(request, headers=self._headers)
         if reply.epoch > self.manager.state.epoch:
             # A newer primary exists: stop taking writes at once (fencing).
             self.manager.fence(reply.epoch, reply.primary_url)
@@ -338,6 +353,7 @@ class Sender:
                         offset=offset, data=data, done=done,
                     ),
                     timeout_ms=INSTALL_TIMEOUT_MS if done else PUSH_TIMEOUT_MS,
+                    headers=self._headers,
                 )  # fmt: skip
                 offset += len(data)
                 if reply.next_offset != offset:

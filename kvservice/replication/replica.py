@@ -15,7 +15,6 @@ then switches (storage/install.py) in one step.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -89,6 +88,7 @@ class ReplicaSide:
         self._lock = asyncio.Lock()
         self._incoming: Incoming | None = None
         self._announcer: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -98,10 +98,12 @@ class ReplicaSide:
             self._announcer = asyncio.create_task(self._announce_loop(), name="announce")
 
     async def close(self) -> None:
+        self._closing = True
         if self._announcer is not None:
+            # (connect-python turns a cancelled call into ConnectError(CANCELED), so
+            # the loop also checks _closing; and the wait is bounded regardless.)
             self._announcer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._announcer
+            await asyncio.wait([self._announcer], timeout=5)
         if self._incoming is not None:
             self._incoming.close()
             self._incoming = None
@@ -332,8 +334,11 @@ class ReplicaSide:
         primary = self.configured_primary
         assert primary is not None
         quiet_after = max(3 * self.settings.repl_heartbeat_seconds, 1.0)
-        async with ReplicationClient(primary, timeout_ms=5000) as client:
-            while True:
+        peers = self.manager.peers
+        async with ReplicationClient(
+            primary, timeout_ms=5000, http_client=peers.http_client
+        ) as client:
+            while not self._closing:
                 silent = self.last_contact is None or (
                     time.monotonic() - self.last_contact > quiet_after
                 )
@@ -343,13 +348,19 @@ class ReplicaSide:
                             AnnounceRequest(
                                 replica_url=self.settings.own_url,
                                 node_id=self.manager.state.node_id,
-                            )
+                            ),
+                            headers=peers.headers,
                         )
                         self.advertised_primary = reply.primary_url
                     except (ConnectError, OSError) as exc:
-                        self.last_error = f"announcing to {primary} failed: {exc}"
-                        log.warning("announce failed", extra={"primary": primary,
-                                                               "error": str(exc)})  # fmt: skip
+                        if self._closing:
+                            return
+                        what = (
+                            f"{exc.code.name.lower()}: {exc.message}"
+                            if isinstance(exc, ConnectError) else str(exc)
+                        )  # fmt: skip
+                        self.last_error = f"announcing to {primary} failed: {what}"
+                        log.warning("announce failed", extra={"primary": primary, "error": what})
                 await asyncio.sleep(1.0)
 
     # -- status -------------------------------------------------------------------------

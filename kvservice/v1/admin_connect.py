@@ -32,7 +32,7 @@ class Admin(Protocol):
     async def failover(self, request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
-    def backup(self, request: kvservice_dot_v1_dot_admin__pb2.BackupRequest, ctx: RequestContext) -> AsyncIterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+    def backup(self, request: kvservice_dot_v1_dot_admin__pb2.BackupRequest, ctx: RequestContext) -> AsyncIterator[kvservice_dot_v1_dot_admin__pb2.BackupResponse]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
     async def digest(self, request: kvservice_dot_v1_dot_admin__pb2.DigestRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.DigestResponse:
@@ -99,7 +99,7 @@ class AdminASGIApplication(ConnectASGIApplication[Admin]):
                         name="Backup",
                         service_name="kvservice.v1.Admin",
                         input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
-                        output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                        output=kvservice_dot_v1_dot_admin__pb2.BackupResponse,
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.backup,
@@ -235,14 +235,14 @@ class AdminClient(ConnectClient):
         *,
         headers: Headers | Mapping[str, str] | None = None,
         timeout_ms: int | None = None,
-    ) -> AsyncIterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+    ) -> AsyncIterator[kvservice_dot_v1_dot_admin__pb2.BackupResponse]:
         return self.execute_server_stream(
             request=request,
             method=MethodInfo(
                 name="Backup",
                 service_name="kvservice.v1.Admin",
                 input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
-                output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                output=kvservice_dot_v1_dot_admin__pb2.BackupResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,
@@ -283,7 +283,7 @@ class AdminSync(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def failover(self, request: kvservice_dot_v1_dot_admin__pb2.FailoverRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.FailoverResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
-    def backup(self, request: kvservice_dot_v1_dot_admin__pb2.BackupRequest, ctx: RequestContext) -> Iterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+    def backup(self, request: kvservice_dot_v1_dot_admin__pb2.BackupRequest, ctx: RequestContext) -> Iterator[kvservice_dot_v1_dot_admin__pb2.BackupResponse]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def digest(self, request: kvservice_dot_v1_dot_admin__pb2.DigestRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_admin__pb2.DigestResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
@@ -348,7 +348,7 @@ class AdminWSGIApplication(ConnectWSGIApplication):
                         name="Backup",
                         service_name="kvservice.v1.Admin",
                         input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
-                        output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                        output=kvservice_dot_v1_dot_admin__pb2.BackupResponse,
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.backup,
@@ -484,14 +484,14 @@ class AdminClientSync(ConnectClientSync):
         *,
         headers: Headers | Mapping[str, str] | None = None,
         timeout_ms: int | None = None,
-    ) -> Iterator[kvservice_dot_v1_dot_admin__pb2.BackupChunk]:
+    ) -> Iterator[kvservice_dot_v1_dot_admin__pb2.BackupResponse]:
         return self.execute_server_stream(
             request=request,
             method=MethodInfo(
                 name="Backup",
                 service_name="kvservice.v1.Admin",
                 input=kvservice_dot_v1_dot_admin__pb2.BackupRequest,
-                output=kvservice_dot_v1_dot_admin__pb2.BackupChunk,
+                output=kvservice_dot_v1_dot_admin__pb2.BackupResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

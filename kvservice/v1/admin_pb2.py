@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvservice/v1/admin.proto\x12\x0ckvservice.v1\"o\n\rDigestRequest\x12!\n\x0cmin_revision\x18\x01 \x01(\x04R\x0bminRevision\x12\x18\n\x07\x62uckets\x18\x02 \x01(\rR\x07\x62uckets\x12!\n\x0clist_buckets\x18\x03 \x03(\rR\x0blistBuckets\"\x98\x01\n\x0e\x44igestResponse\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12\x16\n\x06\x64igest\x18\x02 \x01(\x04R\x06\x64igest\x12%\n\x0e\x62ucket_digests\x18\x03 \x03(\x04R\rbucketDigests\x12+\n\x04keys\x18\x04 \x03(\x0b\x32\x17.kvservice.v1.KeyDigestR\x04keys\"e\n\tKeyDigest\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision\x12\x12\n\x04hash\x18\x03 \x01(\x04R\x04hash\x12\x16\n\x06\x62ucket\x18\x04 \x01(\rR\x06\x62ucket\"\x0f\n\rBackupRequest\"i\n\x0b\x42\x61\x63kupChunk\x12\x12\n\x04\x64\x61ta\x18\x01 \x01(\x0cR\x04\x64\x61ta\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision\x12\x16\n\x06sha256\x18\x03 \x01(\tR\x06sha256\x12\x12\n\x04size\x18\x04 \x01(\x04R\x04size\"!\n\x0f\x46\x61iloverRequest\x12\x0e\n\x02to\x18\x01 \x01(\tR\x02to\"\xd4\x01\n\x10\x46\x61iloverResponse\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12$\n\x0ewrite_pause_ms\x18\x02 \x01(\x01R\x0cwritePauseMs\x12%\n\x0ereplication_id\x18\x03 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x04 \x01(\x04R\x05\x65poch\x12\x1c\n\trepointed\x18\x05 \x03(\tR\trepointed\x12#\n\rnot_repointed\x18\x06 \x03(\tR\x0cnotRepointed\"\x10\n\x0ePromoteRequest\"\xc6\x01\n\x0fPromoteResponse\x12%\n\x0ereplication_id\x18\x01 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x02 \x01(\x04R\x05\x65poch\x12\x1a\n\x08revision\x18\x03 \x01(\x04R\x08revision\x12.\n\x13prev_replication_id\x18\x04 \x01(\tR\x11prevReplicationId\x12*\n\x11prev_end_revision\x18\x05 \x01(\x04R\x0fprevEndRevision\"I\n\x10ReplicaOfRequest\x12\x1f\n\x0bprimary_url\x18\x01 \x01(\tR\nprimaryUrl\x12\x14\n\x05\x66orce\x18\x02 \x01(\x08R\x05\x66orce\"Y\n\x11ReplicaOfResponse\x12\x1f\n\x0bprimary_url\x18\x01 \x01(\tR\nprimaryUrl\x12#\n\rprevious_role\x18\x02 \x01(\tR\x0cpreviousRole\"\x11\n\x0fSnapshotRequest\"_\n\x10SnapshotResponse\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x1b\n\tkey_count\x18\x03 \x01(\x04R\x08keyCount\"\x1a\n\x18ReplicationStatusRequest\"\xcd\x03\n\x19ReplicationStatusResponse\x12\x12\n\x04role\x18\x01 \x01(\tR\x04role\x12\x17\n\x07node_id\x18\x02 \x01(\tR\x06nodeId\x12%\n\x0ereplication_id\x18\x03 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x04 \x01(\x04R\x05\x65poch\x12\x1a\n\x08revision\x18\x05 \x01(\x04R\x08revision\x12)\n\x10\x64urable_revision\x18\x06 \x01(\x04R\x0f\x64urableRevision\x12#\n\radvertise_url\x18\x07 \x01(\tR\x0c\x61\x64vertiseUrl\x12\x37\n\x08replicas\x18\x08 \x03(\x0b\x32\x1b.kvservice.v1.ReplicaStatusR\x08replicas\x12-\n\x04link\x18\t \x01(\x0b\x32\x19.kvservice.v1.ReplicaLinkR\x04link\x12.\n\x13prev_replication_id\x18\n \x01(\tR\x11prevReplicationId\x12*\n\x11prev_end_revision\x18\x0b \x01(\x04R\x0fprevEndRevision\x12\x16\n\x06\x66\x65nced\x18\x0c \x01(\tR\x06\x66\x65nced\"\x8f\x02\n\rReplicaStatus\x12\x10\n\x03url\x18\x01 \x01(\tR\x03url\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12%\n\x0e\x61\x63ked_revision\x18\x03 \x01(\x04R\rackedRevision\x12#\n\rlag_revisions\x18\x04 \x01(\x04R\x0clagRevisions\x12\x1f\n\x0blag_seconds\x18\x05 \x01(\x01R\nlagSeconds\x12\x1d\n\nlast_error\x18\x06 \x01(\tR\tlastError\x12!\n\x0c\x66ull_resyncs\x18\x07 \x01(\x04R\x0b\x66ullResyncs\x12\'\n\x0fpartial_resyncs\x18\x08 \x01(\x04R\x0epartialResyncs\"\xe1\x01\n\x0bReplicaLink\x12\x1f\n\x0bprimary_url\x18\x01 \x01(\tR\nprimaryUrl\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x30\n\x14last_contact_seconds\x18\x03 \x01(\x01R\x12lastContactSeconds\x12\x1f\n\x0blag_seconds\x18\x04 \x01(\x01R\nlagSeconds\x12)\n\x10primary_revision\x18\x05 \x01(\x04R\x0fprimaryRevision\x12\x1d\n\nlast_error\x18\x06 \x01(\tR\tlastError2\xac\x04\n\x05\x41\x64min\x12I\n\x08Snapshot\x12\x1d.kvservice.v1.SnapshotRequest\x1a\x1e.kvservice.v1.SnapshotResponse\x12i\n\x11ReplicationStatus\x12&.kvservice.v1.ReplicationStatusRequest\x1a\'.kvservice.v1.ReplicationStatusResponse\"\x03\x90\x02\x01\x12\x46\n\x07Promote\x12\x1c.kvservice.v1.PromoteRequest\x1a\x1d.kvservice.v1.PromoteResponse\x12L\n\tReplicaOf\x12\x1e.kvservice.v1.ReplicaOfRequest\x1a\x1f.kvservice.v1.ReplicaOfResponse\x12I\n\x08\x46\x61ilover\x12\x1d.kvservice.v1.FailoverRequest\x1a\x1e.kvservice.v1.FailoverResponse\x12\x42\n\x06\x42\x61\x63kup\x12\x1b.kvservice.v1.BackupRequest\x1a\x19.kvservice.v1.BackupChunk0\x01\x12H\n\x06\x44igest\x12\x1b.kvservice.v1.DigestRequest\x1a\x1c.kvservice.v1.DigestResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvservice/v1/admin.proto\x12\x0ckvservice.v1\"o\n\rDigestRequest\x12!\n\x0cmin_revision\x18\x01 \x01(\x04R\x0bminRevision\x12\x18\n\x07\x62uckets\x18\x02 \x01(\rR\x07\x62uckets\x12!\n\x0clist_buckets\x18\x03 \x03(\rR\x0blistBuckets\"\x98\x01\n\x0e\x44igestResponse\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12\x16\n\x06\x64igest\x18\x02 \x01(\x04R\x06\x64igest\x12%\n\x0e\x62ucket_digests\x18\x03 \x03(\x04R\rbucketDigests\x12+\n\x04keys\x18\x04 \x03(\x0b\x32\x17.kvservice.v1.KeyDigestR\x04keys\"e\n\tKeyDigest\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision\x12\x12\n\x04hash\x18\x03 \x01(\x04R\x04hash\x12\x16\n\x06\x62ucket\x18\x04 \x01(\rR\x06\x62ucket\"\x0f\n\rBackupRequest\"l\n\x0e\x42\x61\x63kupResponse\x12\x12\n\x04\x64\x61ta\x18\x01 \x01(\x0cR\x04\x64\x61ta\x12\x1a\n\x08revision\x18\x02 \x01(\x04R\x08revision\x12\x16\n\x06sha256\x18\x03 \x01(\tR\x06sha256\x12\x12\n\x04size\x18\x04 \x01(\x04R\x04size\"!\n\x0f\x46\x61iloverRequest\x12\x0e\n\x02to\x18\x01 \x01(\tR\x02to\"\xd4\x01\n\x10\x46\x61iloverResponse\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12$\n\x0ewrite_pause_ms\x18\x02 \x01(\x01R\x0cwritePauseMs\x12%\n\x0ereplication_id\x18\x03 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x04 \x01(\x04R\x05\x65poch\x12\x1c\n\trepointed\x18\x05 \x03(\tR\trepointed\x12#\n\rnot_repointed\x18\x06 \x03(\tR\x0cnotRepointed\"\x10\n\x0ePromoteRequest\"\xc6\x01\n\x0fPromoteResponse\x12%\n\x0ereplication_id\x18\x01 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x02 \x01(\x04R\x05\x65poch\x12\x1a\n\x08revision\x18\x03 \x01(\x04R\x08revision\x12.\n\x13prev_replication_id\x18\x04 \x01(\tR\x11prevReplicationId\x12*\n\x11prev_end_revision\x18\x05 \x01(\x04R\x0fprevEndRevision\"I\n\x10ReplicaOfRequest\x12\x1f\n\x0bprimary_url\x18\x01 \x01(\tR\nprimaryUrl\x12\x14\n\x05\x66orce\x18\x02 \x01(\x08R\x05\x66orce\"Y\n\x11ReplicaOfResponse\x12\x1f\n\x0bprimary_url\x18\x01 \x01(\tR\nprimaryUrl\x12#\n\rprevious_role\x18\x02 \x01(\tR\x0cpreviousRole\"\x11\n\x0fSnapshotRequest\"_\n\x10SnapshotResponse\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12\x12\n\x04path\x18\x02 \x01(\tR\x04path\x12\x1b\n\tkey_count\x18\x03 \x01(\x04R\x08keyCount\"\x1a\n\x18ReplicationStatusRequest\"\xcd\x03\n\x19ReplicationStatusResponse\x12\x12\n\x04role\x18\x01 \x01(\tR\x04role\x12\x17\n\x07node_id\x18\x02 \x01(\tR\x06nodeId\x12%\n\x0ereplication_id\x18\x03 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x04 \x01(\x04R\x05\x65poch\x12\x1a\n\x08revision\x18\x05 \x01(\x04R\x08revision\x12)\n\x10\x64urable_revision\x18\x06 \x01(\x04R\x0f\x64urableRevision\x12#\n\radvertise_url\x18\x07 \x01(\tR\x0c\x61\x64vertiseUrl\x12\x37\n\x08replicas\x18\x08 \x03(\x0b\x32\x1b.kvservice.v1.ReplicaStatusR\x08replicas\x12-\n\x04link\x18\t \x01(\x0b\x32\x19.kvservice.v1.ReplicaLinkR\x04link\x12.\n\x13prev_replication_id\x18\n \x01(\tR\x11prevReplicationId\x12*\n\x11prev_end_revision\x18\x0b \x01(\x04R\x0fprevEndRevision\x12\x16\n\x06\x66\x65nced\x18\x0c \x01(\tR\x06\x66\x65nced\"\x8f\x02\n\rReplicaStatus\x12\x10\n\x03url\x18\x01 \x01(\tR\x03url\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12%\n\x0e\x61\x63ked_revision\x18\x03 \x01(\x04R\rackedRevision\x12#\n\rlag_revisions\x18\x04 \x01(\x04R\x0clagRevisions\x12\x1f\n\x0blag_seconds\x18\x05 \x01(\x01R\nlagSeconds\x12\x1d\n\nlast_error\x18\x06 \x01(\tR\tlastError\x12!\n\x0c\x66ull_resyncs\x18\x07 \x01(\x04R\x0b\x66ullResyncs\x12\'\n\x0fpartial_resyncs\x18\x08 \x01(\x04R\x0epartialResyncs\"\xe1\x01\n\x0bReplicaLink\x12\x1f\n\x0bprimary_url\x18\x01 \x01(\tR\nprimaryUrl\x12\x14\n\x05state\x18\x02 \x01(\tR\x05state\x12\x30\n\x14last_contact_seconds\x18\x03 \x01(\x01R\x12lastContactSeconds\x12\x1f\n\x0blag_seconds\x18\x04 \x01(\x01R\nlagSeconds\x12)\n\x10primary_revision\x18\x05 \x01(\x04R\x0fprimaryRevision\x12\x1d\n\nlast_error\x18\x06 \x01(\tR\tlastError2\xaf\x04\n\x05\x41\x64min\x12I\n\x08Snapshot\x12\x1d.kvservice.v1.SnapshotRequest\x1a\x1e.kvservice.v1.SnapshotResponse\x12i\n\x11ReplicationStatus\x12&.kvservice.v1.ReplicationStatusRequest\x1a\'.kvservice.v1.ReplicationStatusResponse\"\x03\x90\x02\x01\x12\x46\n\x07Promote\x12\x1c.kvservice.v1.PromoteRequest\x1a\x1d.kvservice.v1.PromoteResponse\x12L\n\tReplicaOf\x12\x1e.kvservice.v1.ReplicaOfRequest\x1a\x1f.kvservice.v1.ReplicaOfResponse\x12I\n\x08\x46\x61ilover\x12\x1d.kvservice.v1.FailoverRequest\x1a\x1e.kvservice.v1.FailoverResponse\x12\x45\n\x06\x42\x61\x63kup\x12\x1b.kvservice.v1.BackupRequest\x1a\x1c.kvservice.v1.BackupResponse0\x01\x12H\n\x06\x44igest\x12\x1b.kvservice.v1.DigestRequest\x1a\x1c.kvservice.v1.DigestResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,32 +43,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYDIGEST']._serialized_end=411
   _globals['_BACKUPREQUEST']._serialized_start=413
   _globals['_BACKUPREQUEST']._serialized_end=428
-  _globals['_BACKUPCHUNK']._serialized_start=430
-  _globals['_BACKUPCHUNK']._serialized_end=535
-  _globals['_FAILOVERREQUEST']._serialized_start=537
-  _globals['_FAILOVERREQUEST']._serialized_end=570
-  _globals['_FAILOVERRESPONSE']._serialized_start=573
-  _globals['_FAILOVERRESPONSE']._serialized_end=785
-  _globals['_PROMOTEREQUEST']._serialized_start=787
-  _globals['_PROMOTEREQUEST']._serialized_end=803
-  _globals['_PROMOTERESPONSE']._serialized_start=806
-  _globals['_PROMOTERESPONSE']._serialized_end=1004
-  _globals['_REPLICAOFREQUEST']._serialized_start=1006
-  _globals['_REPLICAOFREQUEST']._serialized_end=1079
-  _globals['_REPLICAOFRESPONSE']._serialized_start=1081
-  _globals['_REPLICAOFRESPONSE']._serialized_end=1170
-  _globals['_SNAPSHOTREQUEST']._serialized_start=1172
-  _globals['_SNAPSHOTREQUEST']._serialized_end=1189
-  _globals['_SNAPSHOTRESPONSE']._serialized_start=1191
-  _globals['_SNAPSHOTRESPONSE']._serialized_end=1286
-  _globals['_REPLICATIONSTATUSREQUEST']._serialized_start=1288
-  _globals['_REPLICATIONSTATUSREQUEST']._serialized_end=1314
-  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_start=1317
-  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_end=1778
-  _globals['_REPLICASTATUS']._serialized_start=1781
-  _globals['_REPLICASTATUS']._serialized_end=2052
-  _globals['_REPLICALINK']._serialized_start=2055
-  _globals['_REPLICALINK']._serialized_end=2280
-  _globals['_ADMIN']._serialized_start=2283
-  _globals['_ADMIN']._serialized_end=2839
+  _globals['_BACKUPRESPONSE']._serialized_start=430
+  _globals['_BACKUPRESPONSE']._serialized_end=538
+  _globals['_FAILOVERREQUEST']._serialized_start=540
+  _globals['_FAILOVERREQUEST']._serialized_end=573
+  _globals['_FAILOVERRESPONSE']._serialized_start=576
+  _globals['_FAILOVERRESPONSE']._serialized_end=788
+  _globals['_PROMOTEREQUEST']._serialized_start=790
+  _globals['_PROMOTEREQUEST']._serialized_end=806
+  _globals['_PROMOTERESPONSE']._serialized_start=809
+  _globals['_PROMOTERESPONSE']._serialized_end=1007
+  _globals['_REPLICAOFREQUEST']._serialized_start=1009
+  _globals['_REPLICAOFREQUEST']._serialized_end=1082
+  _globals['_REPLICAOFRESPONSE']._serialized_start=1084
+  _globals['_REPLICAOFRESPONSE']._serialized_end=1173
+  _globals['_SNAPSHOTREQUEST']._serialized_start=1175
+  _globals['_SNAPSHOTREQUEST']._serialized_end=1192
+  _globals['_SNAPSHOTRESPONSE']._serialized_start=1194
+  _globals['_SNAPSHOTRESPONSE']._serialized_end=1289
+  _globals['_REPLICATIONSTATUSREQUEST']._serialized_start=1291
+  _globals['_REPLICATIONSTATUSREQUEST']._serialized_end=1317
+  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_start=1320
+  _globals['_REPLICATIONSTATUSRESPONSE']._serialized_end=1781
+  _globals['_REPLICASTATUS']._serialized_start=1784
+  _globals['_REPLICASTATUS']._serialized_end=2055
+  _globals['_REPLICALINK']._serialized_start=2058
+  _globals['_REPLICALINK']._serialized_end=2283
+  _globals['_ADMIN']._serialized_start=2286
+  _globals['_ADMIN']._serialized_end=2845
 # @@protoc_insertion_point(module_scope)

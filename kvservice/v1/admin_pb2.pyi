@@ -44,7 +44,7 @@ class BackupRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class BackupChunk(_message.Message):
+class BackupResponse(_message.Message):
     __slots__ = ("data", "revision", "sha256", "size")
     DATA_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]

@@ -154,7 +154,7 @@ def test_wait_replicas_and_min_replicas(make_server, tmp_path: Path) -> None:  #
         assert client.get(GetRequest(key="k")).revision == revision
     # Asking for more replicas than exist: committed, but deadline_exceeded says so.
     with primary.client() as client, pytest.raises(ConnectError) as short:
-        client.set(SetRequest(key="k2", value=b"v", wait_replicas=2), timeout_ms=500)
+        client.set(SetRequest(key="k2", value=b"v", wait_replicas=2), timeout_ms=1500)
     assert short.value.code == Code.DEADLINE_EXCEEDED
     assert "only 1 of the 2" in short.value.message
     with primary.client() as client:
