@@ -37,9 +37,11 @@ T = TypeVar("T")
 # Metric samples keyed by (name, labels).
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-# Fast failure detection and retries, so faults heal within a test's budget.
-PRIMARY_FLAGS = ("--repl-heartbeat-seconds", "0.2", "--repl-retry-max-seconds", "0.5")
-REPLICA_FLAGS = ("--replica-max-lag-seconds", "2")
+# Fast failure detection and retries, so faults heal within a test's budget (every node
+# gets the same heartbeat: a replica re-announces itself after a few silent ones).
+HEARTBEAT = ("--repl-heartbeat-seconds", "0.2")
+PRIMARY_FLAGS = (*HEARTBEAT, "--repl-retry-max-seconds", "0.5")
+REPLICA_FLAGS = (*HEARTBEAT, "--replica-max-lag-seconds", "2")
 # The settings that make a primary's backlog run out quickly (see DESIGN.md, Replication).
 SMALL_BACKLOG = (
     "--repl-backlog-bytes", "4096", "--wal-segment-bytes", "4096",

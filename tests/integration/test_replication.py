@@ -287,7 +287,7 @@ def test_link_fault_under_load_heals_by_partial_resync(cluster: Cluster, fault: 
 
 
 def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) -> None:
-    """SIGKILL a replica under load and restart it, three times: it keeps what it
+    """SIGKILL a replica under load and restart it, twice: it keeps what it
     acknowledged, resumes with partial resyncs, and its WAL holds every revision once.
     Small segments and snapshot thresholds on both nodes: rotations, snapshots and purges
     race the kills, and the primary's WAL retention must keep what the replica needs."""
@@ -299,7 +299,7 @@ def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) 
     url = replica.advertise_url
     load = burst(primary, "crash")
     load.wait_for_acks(300)
-    for _ in range(3):
+    for _ in range(2):
         wait_for(
             lambda: replica_status(primary, replica).acked_revision > 0,
             timeout=10, what="an acknowledgement from the replica",
@@ -327,7 +327,7 @@ def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) 
     assert_converged(primary, [replica], burst_keys(load))
     full, partial = full_and_partial(primary, replica)
     assert full - full_before == 0, "a restarted replica was fully resynced"
-    assert partial - partial_before >= 3
+    assert partial - partial_before >= 2
     assert replica_status(primary, replica).state == "streaming"
 
     replica.stop()
