@@ -84,6 +84,9 @@ class ReplicaSide:
         self.last_error = ""
         self.digest_mismatches = 0
         self.digest_error = ""  # the last mismatch, until a full resync repairs it
+        # Why this replica refuses its primary's data (it would lose writes), if it does.
+        self.refused = ""
+        self.full_resync_reason = ""  # why it asks for a full resync (needs_full_resync)
         self.needs_full_resync = False
         self._lock = asyncio.Lock()
         self._incoming: Incoming | None = None
@@ -139,15 +142,22 @@ class ReplicaSide:
         if self.needs_full_resync:
             return self._answer(
                 PushResult.PUSH_RESULT_HISTORY_MISMATCH,
-                f"{self.digest_error}; waiting for a full resync (repair_on_mismatch)",
+                f"{self.full_resync_reason}; waiting for a full resync",
             )
         if not self._same_history(request.primary):
-            await self._save_diverged(request.primary)
+            protected = self._protect(request.primary)
+            if not protected:
+                await self._save_diverged(request.primary)
             return self._answer(
-                PushResult.PUSH_RESULT_HISTORY_MISMATCH,
-                f"this replica is in history {self.manager.state.replication_id or '(none)'}"
+                PushResult.PUSH_RESULT_REFUSED if protected
+                else PushResult.PUSH_RESULT_HISTORY_MISMATCH,
+                protected
+                or f"this replica is in history {self.manager.state.replication_id or '(none)'}"
                 f" at revision {self.node.store.revision}; a full resync is needed",
-            )
+            )  # fmt: skip
+        self.refused = self._behind(request.primary)
+        if self.refused:
+            return self._answer(PushResult.PUSH_RESULT_REFUSED, self.refused)
         if request.prev_revision != self.node.store.revision:
             return self._answer(
                 PushResult.PUSH_RESULT_POSITION_MISMATCH,
@@ -155,6 +165,48 @@ class ReplicaSide:
                 f" not {request.prev_revision}",
             )
         return None
+
+    def _behind(self, primary: PrimaryInfo) -> str:
+        """Same history, but the primary lost what this replica holds (restarted on an
+        old data dir): never let it rewind us ("" when it is not behind)."""
+        if primary.durable_revision >= self.node.store.revision:
+            return ""
+        if self.manager.force_next_sync:  # the operator decided: replace our data
+            self.needs_full_resync = True
+            self.full_resync_reason = "replicaof --force: replacing this replica's data"
+            return ""
+        return (
+            f"the primary at {primary.url} is at revision {primary.durable_revision}, behind"
+            f" this replica's {self.node.store.revision} in the same history: refusing to"
+            " follow it (promote this replica, or replicaof --force after deciding; see"
+            " docs/runbook.md, 'Replica ahead of its primary')"
+        )
+
+    def _protect(self, primary: PrimaryInfo) -> str:
+        """Why this replica must not be overwritten by a diverging history ("" if it may).
+
+        A node accepts a history that diverges from its own only from a higher
+        epoch (a promotion), so an empty or stale primary never wipes a replica;
+        `replicaof --force` overrides, and a digest mismatch asks for it.
+        """
+        state = self.manager.state
+        if (
+            primary.epoch > state.epoch
+            or self.manager.force_next_sync
+            or self.needs_full_resync
+            or (not state.replication_id and self.node.store.revision == 0)
+        ):
+            self.refused = ""
+            return ""
+        self.refused = (
+            f"the primary at {primary.url} (history {primary.replication_id}, epoch"
+            f" {primary.epoch}) would replace this replica's data (history"
+            f" {state.replication_id or '(restored)'}, revision {self.node.store.revision},"
+            f" epoch {state.epoch}) without a higher epoch: refusing. Promote this replica,"
+            " or point it there with `kvservice replicaof --force` after deciding"
+            " (docs/runbook.md, 'Replica ahead of its primary')"
+        )
+        return self.refused
 
     def _digest_mismatch(self, request: PushRequest) -> PushResponse:
         self.digest_mismatches += 1
@@ -170,6 +222,7 @@ class ReplicaSide:
         )  # fmt: skip
         if self.settings.repair_on_mismatch:
             self.needs_full_resync = True
+            self.full_resync_reason = f"{self.digest_error} (repair_on_mismatch)"
         return self._answer(PushResult.PUSH_RESULT_DIGEST_MISMATCH, self.digest_error)
 
     def _answer(self, result: PushResult, message: str) -> PushResponse:
@@ -267,6 +320,10 @@ class ReplicaSide:
                 raise ReplicationRefused(refusal)
             self._heard_from(request.primary)
             data_dir = self.settings.data_dir
+            if request.offset == 0 and not self._same_history(request.primary):
+                protected = self._protect(request.primary)
+                if protected:
+                    raise ReplicationRefused(protected)
             if request.offset == 0:
                 if self._incoming is not None:
                     self._incoming.close()
@@ -396,6 +453,8 @@ class ReplicaSide:
         """Why this replica is not ready (None when it is)."""
         if self.digest_error:
             return self.digest_error
+        if self.refused:
+            return self.refused
         now = time.monotonic()
         state = self.linked_state(now)
         if state == "full-sync":

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+from connectrpc.errors import ConnectError
 
 from kvservice.v1.kv_connect import KVStoreClientSync
 
@@ -114,6 +116,21 @@ class ServerProcess:
 
     def client(self, *, proto_json: bool = True) -> KVStoreClientSync:
         return KVStoreClientSync(self.url, proto_json=proto_json, timeout_ms=10_000)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
+    """Poll `check` until it holds; fail naming `what` after `timeout` seconds.
+
+    A check that raises a connection-level error (a node restarting) counts as
+    not yet.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ConnectError, OSError, httpx.HTTPError):
+            if check():
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def run_cli(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import time
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,6 @@ def drill_commands() -> list[str]:
     section = section.split("\n## ", 1)[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
     return [line for block in blocks for line in block.splitlines() if line.strip()]
-
-
-def wait_for(check, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_the_disaster_recovery_drill_in_the_runbook(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

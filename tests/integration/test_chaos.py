@@ -14,7 +14,6 @@ state (equal digests at the same revision, `kvservice check` exit 0).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import threading
@@ -31,7 +30,7 @@ from kvservice.v1.admin_pb2 import DigestRequest, ReplicationStatusRequest
 from kvservice.v1.kv_connect import KVStoreClientSync
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
 from tests.faults.proxy import FaultProxy
-from tests.integration.conftest import ServerProcess, free_port, run_cli
+from tests.integration.conftest import ServerProcess, free_port, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 STEPS = 20
@@ -74,16 +73,6 @@ class Cluster:
     def close(self) -> None:
         for proxy in self.proxies:
             proxy.close()
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ConnectError, OSError):
-            if check():
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_random_fault_schedule_loses_no_waited_write_and_converges(

@@ -16,7 +16,7 @@ from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import ReplicationStatusRequest
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
 from kvservice.v1.log_pb2 import LogEntry
-from tests.integration.conftest import ServerProcess, run_cli
+from tests.integration.conftest import ServerProcess, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 FAST = ("--repl-heartbeat-seconds", "0.2", "--repl-retry-max-seconds", "0.5")
@@ -51,15 +51,6 @@ def metric(node: ServerProcess, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
-def wait_for(check, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def full_resyncs(primary: ServerProcess) -> int:
     with AdminClientSync(primary.url) as admin:
         replicas = admin.replication_status(ReplicationStatusRequest()).replicas
@@ -85,7 +76,10 @@ def test_an_altered_replica_is_detected_named_and_repaired(make_server, tmp_path
     replica = make_server(
         *replica_args, "--no-repair-on-mismatch", data_dir=replica_dir, port=replica.port
     ).start()  # fmt: skip
-    wait_for(lambda: metric(replica, "kvservice_replication_digest_mismatches_total") >= 1)
+    wait_for(
+        "the digest mismatch counted",
+        lambda: metric(replica, "kvservice_replication_digest_mismatches_total") >= 1,
+    )
     ready = httpx.get(f"{replica.url}/readyz", timeout=5)
     assert ready.status_code == 503
     assert "digest mismatch" in ready.json()["reason"]
@@ -98,9 +92,9 @@ def test_an_altered_replica_is_detected_named_and_repaired(make_server, tmp_path
     # With repair (the default): one full resync puts it right.
     replica.stop()
     replica = make_server(*replica_args, data_dir=replica_dir, port=replica.port).start()
-    wait_for(lambda: full_resyncs(primary) == 1)
+    wait_for("one full resync", lambda: full_resyncs(primary) == 1)
     with replica.client() as client:
-        wait_for(lambda: client.get(GetRequest(key="k7")).value == b"good-07")
+        wait_for("k7 repaired", lambda: client.get(GetRequest(key="k7")).value == b"good-07")
     time.sleep(1.0)  # more heartbeats with digests: no further mismatch, no second resync
     assert full_resyncs(primary) == 1
     assert run_cli("check", "--primary", primary.url, "--replica", replica.url).returncode == 0

@@ -5,6 +5,7 @@ and backups are still to come)."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import ReplicationStatusRequest, ReplicationStatusResponse
 from kvservice.v1.kv_connect import KVStoreClientSync
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
-from tests.integration.conftest import ServerProcess, run_cli
+from tests.integration.conftest import ServerProcess, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 FAST = ("--repl-heartbeat-seconds", "0.2", "--repl-retry-max-seconds", "0.5")
@@ -28,15 +29,6 @@ FAST = ("--repl-heartbeat-seconds", "0.2", "--repl-retry-max-seconds", "0.5")
 def status(node: ServerProcess) -> ReplicationStatusResponse:
     with AdminClientSync(node.url, timeout_ms=5000) as admin:
         return admin.replication_status(ReplicationStatusRequest())
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def replica(make_server, tmp_path: Path, name: str, primary: str, *extra: str) -> ServerProcess:  # type: ignore[no-untyped-def]
@@ -223,3 +215,34 @@ def test_planned_switchover_under_load_loses_no_acknowledged_write(
         with node.client() as client:
             for key, revision in acked.items():
                 assert client.get(GetRequest(key=key)).revision == revision, (node.url, key)
+
+
+def test_an_empty_primary_never_wipes_a_replica(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A primary restarted on an empty data dir (a new history, no higher epoch) is
+    refused by its replica, which keeps its data and says why; only `replicaof
+    --force` lets it be replaced."""
+    primary = make_server(*FAST, data_dir=tmp_path / "p").start()
+    r1 = replica(make_server, tmp_path, "r1", primary.url)
+    for i in range(10):
+        set_(primary, f"k{i}", b"v", wait_replicas=1)
+    primary.stop()
+    shutil.rmtree(tmp_path / "p")
+    primary = make_server(*FAST, data_dir=tmp_path / "p", port=primary.port).start()
+
+    def refused() -> bool:
+        return "refusing" in status(r1).link.last_error
+
+    wait_for("the replica refusing the empty primary", refused)
+    ready = httpx.get(f"{r1.url}/readyz", timeout=5)
+    assert ready.status_code == 503
+    assert "refusing" in ready.json()["reason"]
+    with r1.client() as client:
+        assert client.get(GetRequest(key="k9")).found  # nothing wiped
+    assert status(r1).revision == 10
+
+    assert (
+        run_cli("replicaof", "--url", r1.url, "--primary", primary.url, "--force").returncode == 0
+    )
+    wait_for("the replica replaced by force", lambda: status(r1).revision == 0)
+    with r1.client() as client:
+        assert not client.get(GetRequest(key="k9")).found

@@ -4,7 +4,6 @@ pusher without one and a primary refuses an announcement without one; with
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import ReplicationStatusRequest
 from kvservice.v1.kv_connect import KVStoreClientSync
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
+from tests.integration.conftest import wait_for
 from tests.securitykit import write_tokens
 
 pytestmark = pytest.mark.integration
@@ -25,15 +25,6 @@ def status(url: str):  # type: ignore[no-untyped-def]
         return admin.replication_status(
             ReplicationStatusRequest(), headers={"authorization": f"Bearer {ADMIN}"}
         )
-
-
-def wait_for(check, timeout: float = 20) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def test_replication_needs_a_replication_credential(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -50,7 +41,9 @@ def test_replication_needs_a_replication_credential(make_server, tmp_path: Path)
     replica = make_server(
         *secured, "--role", "replica", "--primary-url", primary.url, data_dir=tmp_path / "r"
     ).start()  # fmt: skip
-    wait_for(lambda: "unauthenticated" in status(replica.url).link.last_error)
+    wait_for(
+        "the announcement refused", lambda: "unauthenticated" in status(replica.url).link.last_error
+    )
     assert not status(primary.url).replicas
     # ...and a primary that presents none (told of the replica by its config) has its
     # pushes refused.
@@ -62,7 +55,10 @@ def test_replication_needs_a_replication_credential(make_server, tmp_path: Path)
     ).start()  # fmt: skip
     replica = make_server(*secured, "--role", "replica", data_dir=tmp_path / "r",
                           port=replica.port).start()  # fmt: skip
-    wait_for(lambda: "unauthenticated" in status(primary.url).replicas[0].last_error)
+    wait_for(
+        "the pushes refused",
+        lambda: "unauthenticated" in status(primary.url).replicas[0].last_error,
+    )
     assert status(replica.url).revision == 0
 
     # With the node token on both sides they link, and writes replicate.

@@ -23,8 +23,10 @@ OTHER_HISTORY = PushResult.PUSH_RESULT_HISTORY_MISMATCH
 REFUSED = PushResult.PUSH_RESULT_REFUSED
 
 
-def info(replication_id: str = "history-a", epoch: int = 0) -> PrimaryInfo:
-    return PrimaryInfo(url="http://primary", replication_id=replication_id, epoch=epoch)
+def info(replication_id: str = "history-a", epoch: int = 0, durable: int = 1000) -> PrimaryInfo:
+    return PrimaryInfo(
+        url="http://primary", replication_id=replication_id, epoch=epoch, durable_revision=durable
+    )
 
 
 async def _records(tmp_path: Path, count: int) -> tuple[list[Committed], dict[str, object]]:
@@ -97,9 +99,18 @@ def test_another_history_or_a_lower_epoch_is_not_applied(tmp_path: Path) -> None
         committed, _ = await _records(tmp_path, 10)
         manager = await _replica(tmp_path)
         assert (await push(manager, 0, committed[:5], epoch=3)).result == OK
-        # Same revisions, another history: never mixed in, a full resync is asked for.
+        # Same revisions, another history at the same epoch (an empty or unrelated
+        # primary): never mixed in, and the replica's data is not given up either.
         reply = await push(manager, 5, committed[5:], replication_id="history-b", epoch=3)
+        assert reply.result == REFUSED
+        assert "refusing" in reply.message
+        # From a higher epoch (a promotion) a diverging history asks for a full resync.
+        reply = await push(manager, 5, committed[5:], replication_id="history-b", epoch=4)
         assert reply.result == OTHER_HISTORY
+        # A primary behind this replica in its own history is refused too.
+        reply = await push(manager, 5, [], epoch=3, durable=2)
+        assert reply.result == REFUSED
+        assert "behind" in reply.message
         # An older primary (lower epoch) is refused outright.
         reply = await push(manager, 5, committed[5:], epoch=2)
         assert reply.result == REFUSED
