@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from kvservice.v1.kv_connect import KVStoreClientSync
 from kvservice.v1.log_pb2 import LogEntry
 from tests.faults.proxy import FaultProxy
 from tests.faults.workload import State, read_states
-from tests.integration.conftest import PortTaken, ServerProcess, free_port
+from tests.integration.conftest import PortTaken, ServerProcess, free_port, wait_for
 
 T = TypeVar("T")
 
@@ -47,26 +46,6 @@ SMALL_BACKLOG = (
     "--repl-backlog-bytes", "4096", "--wal-segment-bytes", "4096",
     "--snapshot-threshold-bytes", "8192",
 )  # fmt: skip
-
-
-def wait_for(
-    check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.05
-) -> T:
-    """Poll `check` until it returns something truthy; fail naming `what` (and the last
-    error it raised) after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: str = ""
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-            last = f"last result: {result!r}"
-        except Exception as exc:  # a ConnectError while a node restarts, for instance
-            last = f"last error: {type(exc).__name__}: {exc}"
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; {last}")
-        time.sleep(interval)
 
 
 def parse_metrics(text: str) -> Samples:
@@ -311,7 +290,7 @@ def wait_streaming(primary: Node, replica: Node, timeout: float = 30.0) -> None:
             and replica.status().link.state == "streaming"
         )
 
-    wait_for(both, timeout=timeout, what=f"{replica.name} streaming from {primary.name}")
+    wait_for(f"{replica.name} streaming from {primary.name}", both, timeout)
 
 
 # -- convergence --------------------------------------------------------------------------
@@ -332,7 +311,7 @@ def wait_caught_up(primary: Node, replicas: list[Node], timeout: float = 30.0) -
         return True
 
     try:
-        wait_for(caught_up, timeout=timeout, what=f"replicas at revision {target}")
+        wait_for(f"replicas at revision {target}", caught_up, timeout)
     except AssertionError as exc:
         seen = {r.name: _safe(lambda r=r: r.status().revision) for r in replicas}
         raise AssertionError(f"{exc}\nreplica revisions: {seen}") from None

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -44,11 +45,10 @@ from tests.integration.cluster import (
     retries,
     stored,
     wait_caught_up,
-    wait_for,
     wait_streaming,
     wal_revisions,
 )
-from tests.integration.conftest import run_cli
+from tests.integration.conftest import run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -105,6 +105,26 @@ def write(node: Node, prefix: str, count: int, tag: str) -> set[str]:
         for key in sorted(keys):
             client.set(SetRequest(key=key, value=f"{tag}:{key}".encode()))
     return keys
+
+
+def force_replica_of(replica: Node, primary: Node) -> None:
+    """`kvservice replicaof --force`: let `primary` replace the replica's history."""
+    done = run_cli("replicaof", "--url", replica.url, "--primary", primary.url, "--force")
+    assert done.returncode == 0, done.stderr
+
+
+def not_ready(replica: Node, what: str) -> dict[str, Any]:
+    """Wait until the replica's /readyz is 503; return the body that said so."""
+    bodies: list[dict[str, Any]] = []
+
+    def check() -> bool:
+        code, body = replica.ready()
+        if code == 503:
+            bodies.append(body)
+        return bool(bodies)
+
+    wait_for(what, check, timeout=15)
+    return bodies[0]
 
 
 def connect_error(call: Callable[[], object]) -> ConnectError:
@@ -248,9 +268,9 @@ def test_link_fault_under_load_heals_by_partial_resync(cluster: Cluster, fault: 
         faulty.proxy.cut()
         ack_more(load, 300)
         wait_for(
+            "the primary to count a retry on the cut link",
             lambda: retries(primary, faulty) > retries_before,
-            timeout=15, what="the primary to count a retry on the cut link",
-        )  # fmt: skip
+        )
     elif fault == "stall":
         faulty.proxy.stall()
         ack_more(load, 1000)
@@ -258,17 +278,20 @@ def test_link_fault_under_load_heals_by_partial_resync(cluster: Cluster, fault: 
         faulty.proxy.blackhole()
         started = time.monotonic()
         wait_for(
-            lambda: retries(primary, faulty) > retries_before
-            or replica_status(primary, faulty).state != "streaming",
-            timeout=30, what="the primary to time out on the black-holed link",
-        )  # fmt: skip
+            "the primary to time out on the black-holed link",
+            lambda: (
+                retries(primary, faulty) > retries_before
+                or replica_status(primary, faulty).state != "streaming"
+            ),
+            timeout=30,
+        )
         print(f"primary noticed the black hole after {time.monotonic() - started:.1f}s")
     # Meanwhile the other replica keeps up with the primary.
     mark = primary.status().revision
     wait_for(
+        "the healthy replica to keep up during the fault",
         lambda: healthy.status().revision >= mark,
-        timeout=10, what="the healthy replica to keep up during the fault",
-    )  # fmt: skip
+    )
     faulty.proxy.heal()
     ack_more(load, 300)
     finish(load, seconds=0.5)
@@ -301,19 +324,21 @@ def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) 
     load.wait_for_acks(300)
     for _ in range(2):
         wait_for(
+            "an acknowledgement from the replica",
             lambda: replica_status(primary, replica).acked_revision > 0,
-            timeout=10, what="an acknowledgement from the replica",
-        )  # fmt: skip
+        )
         time.sleep(random.uniform(0, 0.2))
         acked = replica_status(primary, replica).acked_revision
         replica.kill()
         ack_more(load, 300)  # the primary does not wait for a dead replica
         wait_for(
-            lambda: primary.metric("kvservice_replica_connected", replica=url) == 0
-            and primary.metric("kvservice_replica_lag_revisions", replica=url) > 0
-            and replica_status(primary, replica).state != "streaming",
-            timeout=10, what="the primary to show the replica down and lagging",
-        )  # fmt: skip
+            "the primary to show the replica down and lagging",
+            lambda: (
+                primary.metric("kvservice_replica_connected", replica=url) == 0
+                and primary.metric("kvservice_replica_lag_revisions", replica=url) > 0
+                and replica_status(primary, replica).state != "streaming"
+            ),
+        )
         replica.start()
         mine = replica.status()
         assert mine.revision >= acked, f"acknowledged {acked} but restarted at {mine.revision}"
@@ -488,7 +513,7 @@ def test_backlog_exhausted_one_full_resync_and_old_data_served_throughout(
         return entry is not None and entry.state == "streaming"
 
     try:
-        wait_for(synced, timeout=60, what="the full resync", interval=0.02)
+        wait_for("the full resync", synced, timeout=60)
         replica.proxy.heal()
         finish(meanwhile, seconds=30)
     finally:
@@ -530,13 +555,14 @@ def test_full_resync_of_200k_keys_under_write_load_completes_in_one_attempt(
     not_ready: list[dict[str, object]] = []
 
     def streaming() -> bool:
+        time.sleep(0.15)  # light polling: the machine is busy enough
         code, body = replica.ready()
         if code == 503:
             not_ready.append(body)
         entry = replica_status(primary, replica)
         return entry is not None and entry.state == "streaming"
 
-    wait_for(streaming, timeout=90, what="the 200k-key full resync", interval=0.2)
+    wait_for("the 200k-key full resync", streaming, timeout=90)
     elapsed = time.monotonic() - started
     print(f"full resync of {keys} keys under load: {elapsed:.1f}s")
     assert not_ready, "/readyz never said 503 while the replica was not in sync"
@@ -650,24 +676,18 @@ def test_unlinked_replica_not_ready_serves_reads_and_refuses_future_revisions(
     writer = threading.Thread(target=write_on, daemon=True)
     writer.start()
     try:
-        _, body = wait_for(
-            lambda: (r := replica.ready())[0] == 503 and r,
-            timeout=15, what="replica /readyz 503 while lagging 1.5 s",
-        )  # fmt: skip
+        body = not_ready(replica, "replica /readyz 503 while lagging 1.5 s")
         assert body["ready"] is False, body
         assert body["reason"], body
     finally:
         stop.set()
         writer.join(10)
     replica.proxy.heal()
-    wait_for(lambda: replica.ready()[0] == 200, timeout=15, what="replica ready after the lag")
+    wait_for("replica ready after the lag", lambda: replica.ready()[0] == 200)
     revision = wait_caught_up(primary, [replica])
 
     primary.stop()
-    _, body = wait_for(
-        lambda: (r := replica.ready())[0] == 503 and r,
-        timeout=10, what="replica /readyz 503 after the primary stopped",
-    )  # fmt: skip
+    body = not_ready(replica, "replica /readyz 503 after the primary stopped")
     assert body["ready"] is False, body
     assert body["reason"], body
     assert replica.status().link.state == "unlinked"
@@ -681,7 +701,7 @@ def test_unlinked_replica_not_ready_serves_reads_and_refuses_future_revisions(
 
     primary.start()
     wait_streaming(primary, replica)
-    wait_for(lambda: replica.ready()[0] == 200, timeout=10, what="replica ready again")
+    wait_for("replica ready again", lambda: replica.ready()[0] == 200)
 
 
 def test_replica_catching_up_on_old_writes_is_not_ready(cluster: Cluster) -> None:
@@ -707,7 +727,7 @@ def test_replica_catching_up_on_old_writes_is_not_ready(cluster: Cluster) -> Non
         looks.append((code, revision))
         return revision >= target
 
-    wait_for(caught_up, timeout=60, what="the replica to catch up", interval=0.05)
+    wait_for("the replica to catch up", caught_up, timeout=60)
     behind = [(code, rev) for code, rev in looks if rev < target - 20]
     print(f"{len(looks)} looks while catching up: {looks}")
     assert len(behind) >= 3, f"catching up was not observed: {looks}"
@@ -717,7 +737,7 @@ def test_replica_catching_up_on_old_writes_is_not_ready(cluster: Cluster) -> Non
         f" {target}, older than replica_max_lag_seconds, were still missing"
     )
     replica.proxy.heal()
-    wait_for(lambda: replica.ready()[0] == 200, timeout=15, what="ready once caught up")
+    wait_for("ready once caught up", lambda: replica.ready()[0] == 200)
 
 
 # -- 8. duplicate and reordered batches ---------------------------------------------------
@@ -787,12 +807,17 @@ def test_duplicate_and_reordered_batches_change_nothing(cluster: Cluster) -> Non
     load = burst(primary, "dup", clients=8)
     load.wait_for_acks(200)
 
-    def batch() -> bytes | None:
+    batches: list[bytes] = []
+
+    def batch() -> bool:
         raw = proxy.last_request()
         push = push_of(raw)
-        return raw if push is not None and len(push.records) > 0 else None
+        if raw is not None and push is not None and len(push.records) > 0:
+            batches.append(raw)
+        return bool(batches)
 
-    old = wait_for(batch, timeout=10, what="a Push with entries through the proxy", interval=0.005)
+    wait_for("a Push with entries through the proxy", batch, timeout=10)
+    old = batches[0]
     replays = 0
     for _ in range(15):  # duplicates, racing the primary's next push
         if push_of(proxy.last_request()) is not None:
@@ -837,17 +862,23 @@ def test_duplicate_and_reordered_batches_change_nothing(cluster: Cluster) -> Non
     keys = burst_keys(load)
     assert_converged(primary, [replica], keys)
 
-    # A stale batch and a duplicate of the newest, long after they were applied.
+    # A stale batch and a duplicate of the newest, long after they were applied: each is
+    # answered with the replica's position and applies nothing. (A stale one may be
+    # refused, since the primary it names looks behind the replica; REFUSED is only
+    # allowed here because it changes nothing: the replica goes on following.)
     revision = replica.status().revision
     for raw in (old, proxy.last_request()):
         assert raw is not None
         response = resend(replica, raw)
         assert response.result in (
             PushResult.PUSH_RESULT_OK, PushResult.PUSH_RESULT_POSITION_MISMATCH,
+            PushResult.PUSH_RESULT_REFUSED,
         ), response  # fmt: skip
         assert response.revision == revision, response
     assert replica.status().revision == revision
+    keys |= write(primary, "after-replays/", 5, "p")
     assert_converged(primary, [replica], keys)
+    wait_for("the replica ready after the stale pushes", lambda: replica.ready()[0] == 200)
 
     replica.stop()
     primary.stop()
@@ -863,7 +894,9 @@ def test_replica_repointed_to_unrelated_primary_ends_equal_to_it(
     cluster: Cluster, b_level: int
 ) -> None:
     """A replica of A restarted as a replica of an unrelated B (behind, level with, or
-    ahead of it) gets B's state exactly, nothing of A's, even while A keeps pushing."""
+    ahead of it) is never mixed: it refuses B and keeps A's state exactly until told
+    `replicaof --force`, then gets B's state exactly, nothing of A's, even while A
+    keeps pushing to it."""
     a = cluster.add_primary("a", start=False)
     b = cluster.add_primary("b", start=False)
     # Small snapshot thresholds: the replica has snapshots of A's history, some at
@@ -877,12 +910,20 @@ def test_replica_repointed_to_unrelated_primary_ends_equal_to_it(
     b_keys = write(b, "shared/", min(b_level, 200), "b")
     b_keys |= write(b, "b-only/", b_level - len(b_keys), "b")
     assert (a.status().revision, b.status().revision) == (400, b_level)
-    assert_converged(a, [replica], a_keys | b_keys)
+    a_states = assert_converged(a, [replica], a_keys | b_keys)
     assert a.status().replication_id != b.status().replication_id
 
     replica.stop()
     replica.primary = b
     replica.start()
+    # B's history has no higher epoch: taking it would throw A's writes away.
+    wait_for(
+        "the replica to refuse B and say why",
+        lambda: replica.status().link.last_error != "" and replica.ready()[0] == 503,
+    )
+    assert replica.status().revision == 400
+    assert replica.states(a_keys | b_keys) == a_states, "the refused history was mixed in"
+    force_replica_of(replica, b)
     wait_streaming(b, replica, timeout=30)
     # A still has the replica on its list and may keep pushing to it.
     a_keys |= write(a, "a-later/", 50, "a")
@@ -930,16 +971,20 @@ def test_full_resync_interrupted_by_a_replica_kill_keeps_the_old_state_then_comp
 
     proxy = replica.proxy
     assert proxy is not None
-    proxy.delay(0.1)  # about 20 round trips for the ~2.5 MB snapshot, in 32 KiB pieces
+    proxy.delay(0.1)  # many round trips for the ~2.5 MB snapshot, in 32 KiB pieces
     replica.primary = b
     sent_before = proxy.stats().bytes_up
     replica.start()
+    force_replica_of(replica, b)
     wait_for(
-        lambda: (entry := replica_status(b, replica)) is not None
-        and entry.state == "full-sync"
-        and proxy.stats().bytes_up - sent_before > 256 * 1024,
-        timeout=30, what="a full resync a tenth of the way through", interval=0.01,
-    )  # fmt: skip
+        "a full resync a tenth of the way through",
+        lambda: (
+            (entry := replica_status(b, replica)) is not None
+            and entry.state == "full-sync"
+            and proxy.stats().bytes_up - sent_before > 256 * 1024
+        ),
+        timeout=30,
+    )
     proxy.cut()
     assert replica.status().revision == old_revision, "the resync ended before the kill"
     replica.kill()
@@ -958,6 +1003,7 @@ def test_full_resync_interrupted_by_a_replica_kill_keeps_the_old_state_then_comp
 
     proxy.heal()
     replica.start()
+    force_replica_of(replica, b)  # the interrupted transfer's consent is not kept
     wait_streaming(b, replica, timeout=60)
     wait_caught_up(b, [replica])
     assert full_and_partial(b, replica)[0] >= 2
