@@ -1,23 +1,30 @@
 """Replication benchmarks (issue 8), side by side in one run on this machine.
 
-    python -m bench.replication              # full run (about 5 minutes)
+    python -m bench.replication              # full run (about 4 minutes)
     python -m bench.replication --smoke      # seconds, tiny counts
+    python -m bench.run --only replication   # the same, from the harness (also in `make bench`)
 
 1. CPU per 1000 writes on the primary with no replicas and with two
-   (fsync=always), from the server's own CPU time, so the figure does not depend
-   on what else runs: wrk drives Set at 64 connections, alternating rounds.
-2. Replication lag at half the primary's measured maximum write rate: a paced
-   writer sets a key on the primary and, as soon as it is acknowledged, asks a
-   replica for it with `minRevision` (which answers once the replica applied
-   that revision); p50/p99 of that wait, next to the same read when nothing
-   has to be waited for.
-3. Catch-up: a replica that was down for N writes is restarted; entries per
-   second until it reaches the primary's revision, against the primary's
-   maximum write rate.
-4. Full resync of the bench's 1M-key data set to an empty replica: time and
-   peak RSS of both nodes, against redis-server full sync (`--replicaof`) of
-   the same keys on loopback.
-Results: bench/results/replication.md (and a dated copy).
+   (fsync=always), from the primary's own CPU time, alternating rounds: at the
+   maximum rate (wrk Set, 64 connections) and at one fixed rate both setups
+   sustain (bench.rateload), which compares the same offered load.
+2. Replication lag at half the primary's maximum write rate: bench.rateload
+   keeps that rate of Sets on the primary (a separate process, which no
+   measurement waits on); a probe here writes one key every 20 ms and, from the
+   primary's ack, times `Get(minRevision)` on both replicas (answered once the
+   replica applied that revision). Then the same with the replicas at fsync=no,
+   a diagnostic of how much of the lag is the replica's fsync. (An earlier
+   version made every paced write itself and waited on each from one asyncio
+   loop: at thousands of writes per second the loop, not replication, was the
+   bottleneck, and the run did not finish.)
+3. Catch-up: a replica is stopped, wrk writes at least N entries, the replica is
+   restarted; entries per second from its first answer until it reaches the
+   primary's revision, against the primary's maximum write rate.
+4. Full resync of the bench's 1M-key data set to a new, empty replica, in
+   alternating rounds with redis-server full sync (`--replicaof`) of the same
+   keys on loopback: time and peak RSS of both nodes.
+Every section reports the CPU the rest of the machine took meanwhile.
+Results: bench/results/replication.md (smoke: replication-smoke.md).
 """
 
 from __future__ import annotations
@@ -26,18 +33,19 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import dataset, peers
+from bench import dataset, peers, snapshot
 from bench.load import HttpLoad, run_http
 from bench.procs import (
     BenchError,
@@ -50,6 +58,7 @@ from bench.procs import (
     rss_bytes,
 )
 from bench.servers import REPO, Server, await_ready, kvservice_argv
+from bench.throughput import wal_counters
 from kvservice.v1.admin_connect import AdminClient
 from kvservice.v1.admin_pb2 import ReplicationStatusRequest
 from kvservice.v1.kv_connect import KVStoreClient
@@ -74,7 +83,7 @@ class Plan:
         if smoke:
             return cls(True, rounds=1, seconds=1, lag_seconds=1, catch_up_writes=2000,
                        resync_keys=20_000)  # fmt: skip
-        return cls(False, rounds=3, seconds=5, lag_seconds=8, catch_up_writes=200_000,
+        return cls(False, rounds=5, seconds=5, lag_seconds=8, catch_up_writes=200_000,
                    resync_keys=1_000_000)  # fmt: skip
 
 
@@ -131,136 +140,335 @@ def set_load(server: Server, work: Path, seconds: int) -> HttpLoad:
 
 # -- 1 and 3: CPU per write and the maximum write rate --------------------------------------
 
+LAG_CONNECTIONS = 64  # bench.rateload's connections, as wrk's for the maximum rate
+FIXED_SHARE = 0.5  # the fixed-rate comparison runs at this share of the lower maximum rate
+
+
+@dataclass(frozen=True)
+class CpuRun:
+    """One load run against a primary: its CPU per write and what surrounded it."""
+
+    per_k: float  # primary CPU seconds per 1000 writes
+    rate: float  # writes per second
+    replicas_cpu: float  # cores, both replicas together
+    other_cpu: float  # cores, the rest of the machine (neither the load nor our nodes)
+    writes_per_fsync: float
+
+
+def _cpu_run(
+    server: Server, replicas: list[Server], load: Callable[[], tuple[int, float]]
+) -> CpuRun:
+    """Run `load()` (-> writes acknowledged, seconds) against `server`, measured."""
+    wal = wal_counters(server)
+    before = cpu_seconds(server.pid)
+    mirrors = sum(cpu_seconds(r.pid) for r in replicas)
+    busy = machine_busy_seconds()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.monotonic()
+    writes, seconds = load()
+    wall = time.monotonic() - started  # the generator's start and exit included
+    busy = machine_busy_seconds() - busy
+    used = cpu_seconds(server.pid) - before
+    mirrored = sum(cpu_seconds(r.pid) for r in replicas) - mirrors
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)  # the load generator, waited for
+    generator = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
+    after = wal_counters(server)
+    fsyncs = after.get("fsyncs", 0.0) - wal.get("fsyncs", 0.0)
+    return CpuRun(
+        per_k=used / writes * 1000,
+        rate=writes / seconds,
+        replicas_cpu=mirrored / wall,
+        other_cpu=max(0.0, (busy - used - mirrored - generator) / wall),
+        writes_per_fsync=writes / fsyncs if fsyncs else 0.0,
+    )
+
+
+def _wrk_load(server: Server, work: Path, seconds: int) -> Callable[[], tuple[int, float]]:
+    def run() -> tuple[int, float]:
+        result = run_http(set_load(server, work, seconds), server.pid, "wrk")
+        return result.requests - result.errors, result.seconds
+
+    return run
+
+
+def _fixed_load(
+    server: Server, work: Path, rate: float, seconds: int
+) -> Callable[[], tuple[int, float]]:
+    records = work / "fixed-load.txt"
+    argv = [sys.executable, "-m", "bench.rateload", server.url("/kvservice.v1.KVStore/Set"),
+            "--rate", f"{rate:.0f}", "--connections", str(LAG_CONNECTIONS),
+            "--seconds", str(seconds), "--keys", "50000", "--out", str(records)]  # fmt: skip
+
+    def run() -> tuple[int, float]:
+        with snapshot.rate_load(argv, seconds):
+            pass
+        ok = sum(1 for _, _, status in snapshot.read_records(records) if status == 200)
+        return ok, float(seconds)
+
+    return run
+
+
+def _cpu_table(out: Results, title: str, runs: dict[str, list[CpuRun]]) -> float:
+    """Rows for "none" and "two"; returns the ratio two/none of the CPU-per-write medians."""
+    out.add(title)
+    out.add("")
+    out.add("| replicas | CPU s / 1000 writes, median (min-max) | writes/s, median (min-max) | "
+            "writes per primary fsync | replicas' CPU (cores) | other CPU (cores), median "
+            "(min-max) |")  # fmt: skip
+    out.add("|---|---|---|---|---|---|")
+    for label in ("none", "two"):
+        k = [r.per_k for r in runs[label]]
+        w = [r.rate for r in runs[label]]
+        o = [r.other_cpu for r in runs[label]]
+        med = statistics.median
+        out.add(f"| {label} | {med(k):.4f} ({min(k):.4f}-{max(k):.4f}) | "
+                f"{med(w):,.0f} ({min(w):,.0f}-{max(w):,.0f}) | "
+                f"{med(r.writes_per_fsync for r in runs[label]):.1f} | "
+                f"{med(r.replicas_cpu for r in runs[label]):.2f} | "
+                f"{med(o):.2f} ({min(o):.2f}-{max(o):.2f}) |")  # fmt: skip
+    out.add("")
+    none = statistics.median(r.per_k for r in runs["none"])
+    return statistics.median(r.per_k for r in runs["two"]) / none
+
 
 def cpu_per_write(plan: Plan, work: Path, out: Results) -> float:
-    """Primary CPU seconds per 1000 writes, 0 vs 2 replicas, alternating rounds."""
+    """Primary CPU seconds per 1000 writes, 0 vs 2 replicas, alternating rounds: at the
+    maximum rate (wrk), then at one fixed rate both sustain (bench.rateload)."""
     alone = start_node(work, "p-alone", work / "p-alone")
     primary = start_node(work, "p-repl", work / "p-repl")
     replicas = [start_replica(work, f"r{i}", primary) for i in (1, 2)]
+    pair = [("none", alone), ("two", primary)]
+    peak: dict[str, list[CpuRun]] = {"none": [], "two": []}
+    fixed: dict[str, list[CpuRun]] = {"none": [], "two": []}
     try:
         asyncio.run(wait_streaming(primary, 2))
-        per_k: dict[str, list[float]] = {"none": [], "two": []}
-        rates: dict[str, list[float]] = {"none": [], "two": []}
-        others: list[float] = []
-        for _ in range(plan.rounds):
-            for label, server in (("none", alone), ("two", primary)):
-                before = cpu_seconds(server.pid)
-                result = run_http(set_load(server, work, plan.seconds), server.pid, "wrk")
-                used = cpu_seconds(server.pid) - before
-                per_k[label].append(used / result.requests * 1000)
-                rates[label].append(result.rps)
-                others.append(result.other_cpu)
+        for round_no in range(plan.rounds):
+            for label, server in pair[round_no % 2 :] + pair[: round_no % 2]:  # alternate order
+                mirrors = replicas if label == "two" else []
+                peak[label].append(_cpu_run(server, mirrors, _wrk_load(server, work, plan.seconds)))
+        fixed_rate = FIXED_SHARE * min(statistics.median(r.rate for r in peak[k]) for k in peak)
+        for round_no in range(plan.rounds):
+            for label, server in pair[round_no % 2 :] + pair[: round_no % 2]:
+                mirrors = replicas if label == "two" else []
+                load = _fixed_load(server, work, fixed_rate, plan.seconds)
+                fixed[label].append(_cpu_run(server, mirrors, load))
         asyncio.run(wait_streaming(primary, 2))
     finally:
         for server in (alone, primary, *replicas):
             server.stop()
-    none, two = statistics.median(per_k["none"]), statistics.median(per_k["two"])
-    out.add("## 1. Primary CPU per 1000 writes (fsync=always, wrk Set, 64 connections)")
+    out.add("## 1. Primary CPU per 1000 writes, no replicas vs two (fsync=always)")
     out.add("")
-    out.add("| replicas | CPU s / 1000 writes (median) | writes/s (median) |")
-    out.add("|---|---|---|")
-    out.add(f"| none | {none:.4f} | {statistics.median(rates['none']):,.0f} |")
-    out.add(f"| two | {two:.4f} | {statistics.median(rates['two']):,.0f} |")
+    peak_ratio = _cpu_table(
+        out, "At the maximum rate (wrk Set, Connect proto, 64 connections):", peak
+    )
+    out.add(f"**Ratio two/none at the maximum rate: {peak_ratio:.2f}x** (target <= 1.25x).")
     out.add("")
-    out.add(f"**Ratio two/none: {two / none:.2f}x** (target <= 1.25x). "
-            f"{plan.rounds} alternating rounds of {plan.seconds} s; other CPU on the machine "
-            f"{statistics.median(others):.2f} cores (replicas included).")  # fmt: skip
+    fixed_ratio = _cpu_table(
+        out, f"At one fixed rate, {fixed_rate:,.0f} writes/s for both ({FIXED_SHARE:.0%} of the "
+        "lower maximum; bench.rateload, 64 connections):", fixed,
+    )  # fmt: skip
+    out.add(f"**Ratio two/none at the same rate: {fixed_ratio:.2f}x.**")
     out.add("")
-    out.figures["cpu_ratio"] = two / none
-    max_rate = statistics.median(rates["none"])
+    out.add(f"{plan.rounds} alternating rounds of {plan.seconds} s each. CPU = the primary "
+            "process's utime+stime over a run (all threads) / writes acknowledged; replicas' "
+            "CPU is theirs during the primary's runs (part of the setup, not noise); other CPU "
+            "= machine busy time minus the load generator, the primary and the replicas. The "
+            "maximum-rate rows compare whatever rate each setup reached on the shared cores; "
+            "the fixed-rate rows compare the same offered load. Per-write costs depend on how "
+            "many writes share an fsync and an event-loop pass, so compare the "
+            "writes-per-fsync column too.")  # fmt: skip
+    out.add("")
+    out.figures["cpu_ratio"] = peak_ratio
+    out.figures["cpu_ratio_fixed"] = fixed_ratio
+    max_rate = statistics.median(r.rate for r in peak["none"])
     out.figures["max_write_rate"] = max_rate
     return max_rate
 
 
 # -- 2: lag at half the maximum rate --------------------------------------------------------
 
+PROBE_INTERVAL = 0.02  # seconds between probe writes (50/s, next to thousands of load writes)
 
-async def _lag_run(
-    primary: Server, replica: Server, rate: float, seconds: float
-) -> dict[str, list[float]]:
+
+async def _probe_lag(primary: Server, replicas: list[Server], seconds: float) -> list[float]:
+    """Every PROBE_INTERVAL: one Set on the primary, then, from its ack, the time until
+    each replica answers `Get(minRevision)` (= has applied it), all replicas at once.
+    Few requests, so this process's own event loop never queues them."""
     waits: list[float] = []
-    plain: list[float] = []
-    async with (
-        KVStoreClient(primary.url(), timeout_ms=10_000) as writer,
-        KVStoreClient(replica.url(), timeout_ms=10_000) as reader,
-    ):
-        interval = 1.0 / rate
-        start = time.monotonic()
-        pending: set[asyncio.Task[None]] = set()
+    async with contextlib.AsyncExitStack() as stack:
+        writer = await stack.enter_async_context(KVStoreClient(primary.url(), timeout_ms=10_000))
+        readers = [
+            await stack.enter_async_context(KVStoreClient(r.url(), timeout_ms=10_000))
+            for r in replicas
+        ]
 
-        async def one(i: int) -> None:
-            reply = await writer.set(SetRequest(key=f"lag{i % 1000}", value=b"v" * 100))
-            acked = time.perf_counter()
-            await reader.get(GetRequest(key=f"lag{i % 1000}", min_revision=reply.revision))
+        async def wait_for(reader: KVStoreClient, key: str, revision: int, acked: float) -> None:
+            await reader.get(GetRequest(key=key, min_revision=revision))
             waits.append(time.perf_counter() - acked)
-            begun = time.perf_counter()
-            await reader.get(GetRequest(key=f"lag{i % 1000}", min_revision=reply.revision))
-            plain.append(time.perf_counter() - begun)
 
+        start = time.monotonic()
         i = 0
         while (now := time.monotonic()) - start < seconds:
-            due = start + i * interval
+            due = start + i * PROBE_INTERVAL
             if due > now:
                 await asyncio.sleep(due - now)
-            task = asyncio.create_task(one(i))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
+            key = f"probe{i % 100}"
+            reply = await writer.set(SetRequest(key=key, value=b"p" * 100))
+            acked = time.perf_counter()
+            await asyncio.gather(*(wait_for(r, key, reply.revision, acked) for r in readers))
             i += 1
-        await asyncio.gather(*pending)
-    return {"wait": waits, "plain": plain}
+    return waits
+
+
+async def _request_cost(replica: Server, count: int = 200) -> list[float]:
+    """The same Get(minRevision) with nothing to wait for, on an idle replica."""
+    took = []
+    async with KVStoreClient(replica.url(), timeout_ms=10_000) as reader:
+        for _ in range(count):
+            begun = time.perf_counter()
+            await reader.get(GetRequest(key="probe0", min_revision=1))
+            took.append(time.perf_counter() - begun)
+    return took
+
+
+def _fsync_use(
+    before: dict[str, float], after: dict[str, float], seconds: float
+) -> tuple[float, float]:
+    """Group-commit fsyncs per second and their mean ms, from two /metrics readings."""
+    count = after.get("fsyncs", 0.0) - before.get("fsyncs", 0.0)
+    spent = after.get("fsync_seconds", 0.0) - before.get("fsync_seconds", 0.0)
+    return count / seconds, (spent / count * 1000 if count else 0.0)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+@dataclass(frozen=True)
+class LagRun:
+    """One lag measurement: a primary with two replicas under the paced load."""
+
+    replica_fsync: str
+    waits: list[float]  # seconds from the primary's ack until a replica had applied
+    plain: list[float]  # the same read with nothing to wait for
+    served: int
+    due: int
+    load_p50_ms: float
+    load_p99_ms: float
+    cpu: list[float]  # cores: primary, replica 1, replica 2, load generator
+    other_cpu: float
+    fsyncs: list[tuple[float, float]]  # per node: fsyncs per second, mean ms
+
+
+def _lag_run(plan: Plan, work: Path, rate: float, replica_fsync: str) -> LagRun:
+    tag = f"lag-{replica_fsync}"
+    primary = start_node(work, f"{tag}-p", work / f"{tag}-p")
+    # A later --fsync overrides the harness's default "always" (argparse: last one wins).
+    replicas = [
+        start_node(work, f"{tag}-r{i}", work / f"{tag}-r{i}-data", "--role", "replica",
+                   "--primary-url", primary.url(), "--fsync", replica_fsync)
+        for i in (1, 2)
+    ]  # fmt: skip
+    nodes = (primary, *replicas)
+    records = work / f"{tag}-load.txt"
+    argv = [sys.executable, "-m", "bench.rateload", primary.url("/kvservice.v1.KVStore/Set"),
+            "--rate", f"{rate:.0f}", "--connections", str(LAG_CONNECTIONS),
+            "--seconds", str(plan.lag_seconds + 1), "--keys", "50000",
+            "--out", str(records)]  # fmt: skip
+    try:
+        asyncio.run(wait_streaming(primary, 2))
+        wal_before = [wal_counters(n) for n in nodes]
+        cpu_before = [cpu_seconds(n.pid) for n in nodes]
+        busy = machine_busy_seconds()
+        started = time.monotonic()
+        with snapshot.rate_load(argv, plan.lag_seconds + 1) as load:
+            time.sleep(0.5)  # the load reaches its rate first
+            waits = asyncio.run(_probe_lag(primary, replicas, plan.lag_seconds))
+            # CPU over the probe's window, while the load still runs.
+            elapsed = time.monotonic() - started
+            cpu = [
+                (cpu_seconds(n.pid) - b) / elapsed for n, b in zip(nodes, cpu_before, strict=True)
+            ]
+            cpu.append(cpu_seconds(load.pid) / elapsed)
+            other = (machine_busy_seconds() - busy) / elapsed - sum(cpu)
+            fsyncs = [
+                _fsync_use(b, wal_counters(n), elapsed)
+                for n, b in zip(nodes, wal_before, strict=True)
+            ]
+        plain = asyncio.run(_request_cost(replicas[0]))
+    finally:
+        for server in nodes:
+            server.stop()
+    loaded = snapshot.read_records(records)
+    load_lat = snapshot.latencies(loaded)
+    return LagRun(
+        replica_fsync=replica_fsync,
+        waits=waits,
+        plain=plain,
+        served=sum(1 for _, _, status in loaded if status == 200),
+        due=len(loaded),
+        load_p50_ms=load_lat.p50_ms or 0.0,
+        load_p99_ms=load_lat.p99_ms or 0.0,
+        cpu=cpu,
+        other_cpu=max(0.0, other),
+        fsyncs=fsyncs,
+    )
 
 
 def lag(plan: Plan, work: Path, out: Results, max_rate: float) -> None:
-    primary = start_node(work, "lag-p", work / "lag-p")
-    replicas = [start_replica(work, f"lag-r{i}", primary) for i in (1, 2)]
-    try:
-        asyncio.run(wait_streaming(primary, 2))
-        rate = max_rate / 2
-        busy = machine_busy_seconds()
-        started = time.monotonic()
-        samples = asyncio.run(_lag_run(primary, replicas[0], rate, plan.lag_seconds))
-        other = (machine_busy_seconds() - busy) / (time.monotonic() - started)
-    finally:
-        for server in (primary, *replicas):
-            server.stop()
-    waits = sorted(samples["wait"])
-    plain = sorted(samples["plain"])
-
-    def pct(values: list[float], q: float) -> float:
-        return values[min(len(values) - 1, int(q * len(values)))] * 1000
-
+    """The target run (replicas at fsync=always), then the same with the replicas at
+    fsync=no: a diagnostic of how much of the lag is the replicas' fsync."""
+    rate = max_rate / 2
+    runs = [_lag_run(plan, work, rate, fsync) for fsync in ("always", "no")]
     out.add("## 2. Replication lag at half the primary's maximum write rate")
     out.add("")
-    out.add(f"Paced writer at {rate:,.0f} writes/s (half of {max_rate:,.0f}) against a primary "
-            f"with two replicas, {len(waits):,} writes over {plan.lag_seconds} s; machine busy "
-            f"{other:.2f} cores (all processes: primary, replicas, this writer).")  # fmt: skip
+    out.add(f"Load: `bench.rateload` Sets on the primary (fsync=always) at {rate:,.0f}/s (half "
+            f"of {max_rate:,.0f}), {LAG_CONNECTIONS} connections, random keys of 50,000, "
+            f"{plan.lag_seconds + 1} s. Probe, in this process: every "
+            f"{PROBE_INTERVAL * 1000:.0f} ms one Set on the primary, then `Get(minRevision)` on "
+            "both replicas from its ack (the replica answers once it has applied that "
+            "revision). Two setups one after the other: replicas at fsync=always (the target) "
+            "and, as a diagnostic, replicas at fsync=no.")  # fmt: skip
     out.add("")
-    out.add("| from the primary's ack until | p50 ms | p99 ms |")
-    out.add("|---|---|---|")
-    out.add(f"| the replica answers `Get(minRevision)` (applied) | {pct(waits, 0.5):.2f} | "
-            f"{pct(waits, 0.99):.2f} |")  # fmt: skip
-    out.add(f"| same read with nothing to wait for (request cost) | {pct(plain, 0.5):.2f} | "
-            f"{pct(plain, 0.99):.2f} |")  # fmt: skip
+    out.add("| replicas' fsync | lag p50 ms | lag p99 ms | lag max ms | waits | request cost "
+            "p50 / p99 ms | load answered / due | load Set p50 / p99 ms | fsyncs/s, mean ms: "
+            "primary; replica 1; replica 2 | CPU cores: primary, replicas, load "
+            "| other CPU |")  # fmt: skip
+    out.add("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        fsyncs = "; ".join(f"{per_s:,.0f}, {mean_ms:.1f}" for per_s, mean_ms in r.fsyncs)
+        out.add(f"| {r.replica_fsync} | {_pct(r.waits, 0.5):.2f} | **{_pct(r.waits, 0.99):.2f}** "
+                f"| {max(r.waits) * 1000:.2f} | {len(r.waits):,} | {_pct(r.plain, 0.5):.2f} / "
+                f"{_pct(r.plain, 0.99):.2f} | {r.served:,} / {r.due:,} | {r.load_p50_ms:.1f} / "
+                f"{r.load_p99_ms:.1f} | {fsyncs} | {r.cpu[0]:.2f}, {r.cpu[1]:.2f} + "
+                f"{r.cpu[2]:.2f}, {r.cpu[3]:.2f} | {r.other_cpu:.2f} |")  # fmt: skip
     out.add("")
-    out.add("The replica applies an entry, then makes it durable (its own group-commit fsync) "
-            "before acknowledging; the read answers at apply, one fsync earlier.")  # fmt: skip
+    out.add("Target: p99 <= 25 ms on loopback, with the replicas at fsync=always. Request cost "
+            "= the same Get(minRevision) with nothing to wait for, on an idle replica after the "
+            "run. Load Set latency counts from when each request was due. Other CPU = the rest "
+            "of the machine (this probe included). A replica answers a push only once its "
+            "entries are durable (`await self.node.wal.sync()` in ReplicaSide.push), and the "
+            "primary keeps one push in flight per replica (Sender._send awaits the answer). "
+            "So an entry committed while a push is out waits for that push's replica fsync "
+            "before it is even sent; the fsync=no row shows the lag without that "
+            "wait.")  # fmt: skip
     out.add("")
-    out.figures["lag_p50_ms"] = pct(waits, 0.5)
-    out.figures["lag_p99_ms"] = pct(waits, 0.99)
+    out.figures["lag_p50_ms"] = _pct(runs[0].waits, 0.5)
+    out.figures["lag_p99_ms"] = _pct(runs[0].waits, 0.99)
 
 
 # -- 3: catch-up -------------------------------------------------------------------------------
 
 
-async def _write_many(url: str, count: int, concurrency: int = 64) -> None:
-    async with KVStoreClient(url, timeout_ms=30_000) as client:
-        next_i = iter(range(count))
-
-        async def worker() -> None:
-            for i in next_i:
-                await client.set(SetRequest(key=f"c{i % 50_000}", value=b"c" * 100))
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+def _write_at_least(primary: Server, work: Path, count: int, seconds: int) -> int:
+    """wrk Set runs of `seconds` until the primary's revision passes `count`; returns it.
+    (wrk, not a Python client: it writes several times faster on these 2 cores.)"""
+    while True:
+        run_http(set_load(primary, work, seconds), primary.pid, "wrk")
+        revision, _ = asyncio.run(status(primary.url()))
+        if revision >= count:
+            return revision
 
 
 async def _wait_revision(url: str, revision: int, limit: float) -> tuple[float, int]:
@@ -289,10 +497,12 @@ def catch_up(plan: Plan, work: Path, out: Results, max_rate: float) -> None:
     try:
         asyncio.run(wait_streaming(primary, 1))
         replica.stop()
-        asyncio.run(_write_many(primary.url(), plan.catch_up_writes))
-        target, _ = asyncio.run(status(primary.url()))
-        replica = start_replica(work, "cu-r", primary, port=replica_port)
-        seconds, begun_at = asyncio.run(_wait_revision(replica.url(), target, 600))
+        target = _write_at_least(primary, work, plan.catch_up_writes, plan.seconds)
+        pids = [primary.pid]
+        with other_cpu(pids) as other:
+            replica = start_replica(work, "cu-r", primary, port=replica_port)
+            pids.append(replica.pid)
+            seconds, begun_at = asyncio.run(_wait_revision(replica.url(), target, 600))
         full = asyncio.run(status(primary.url()))[1]
     finally:
         primary.stop()
@@ -301,10 +511,13 @@ def catch_up(plan: Plan, work: Path, out: Results, max_rate: float) -> None:
     rate = entries / seconds if seconds else float("inf")
     out.add("## 3. Catch-up after a replica was down")
     out.add("")
-    out.add(f"A replica down for {plan.catch_up_writes:,} writes (100-byte values) caught up "
-            f"{entries:,} entries in {seconds:.2f} s = **{rate:,.0f} entries/s**, "
-            f"**{rate / max_rate:.1f}x** the primary's maximum write rate ({max_rate:,.0f}/s; "
-            f"target >= 5x). Partial resync from the backlog (links: {full}).")  # fmt: skip
+    out.add(f"A replica down for {target:,} writes (wrk Set, 100-byte values, runs of "
+            f"{plan.seconds} s until at least {plan.catch_up_writes:,}) was restarted; from its "
+            f"first answer (at revision {begun_at:,}) it caught up {entries:,} entries in "
+            f"{seconds:.2f} s = **{rate:,.0f} entries/s**, **{rate / max_rate:.1f}x** the "
+            f"primary's maximum write rate ({max_rate:,.0f}/s; target >= 5x). Partial resync "
+            f"from the backlog (links: {full}). Other CPU meanwhile: {other[0]:.2f} "
+            "cores.")  # fmt: skip
     out.add("")
     out.figures["catch_up_ratio"] = rate / max_rate
 
@@ -334,50 +547,80 @@ def peak_rss(*pids: int) -> Iterator[dict[int, int]]:
         thread.join()
 
 
-def full_resync(plan: Plan, work: Path, out: Results) -> None:
-    keys = plan.resync_keys
-    data_dir = work / "fr-p"
-    dataset.build_snapshot_dir(data_dir, keys)
-    primary = start_node(work, "fr-p", data_dir)
+@dataclass(frozen=True)
+class Sync:
+    """One full sync to a new, empty replica."""
+
+    seconds: float
+    primary_peak: int
+    replica_peak: int
+    other_cpu: float  # cores the rest of the machine took meanwhile
+
+
+@contextlib.contextmanager
+def other_cpu(pids: list[int]) -> Iterator[list[float]]:
+    """Cores the machine spent outside `pids` over the block (filled in at its end);
+    a pid started inside the block is counted from its start (append it to `pids`)."""
+    found: list[float] = []
+    before = {pid: cpu_seconds(pid) for pid in pids}
+    busy, started = machine_busy_seconds(), time.monotonic()
+    yield found
+    ours = sum(cpu_seconds(pid) - before.get(pid, 0.0) for pid in pids)
+    found.append(max(0.0, (machine_busy_seconds() - busy - ours) / (time.monotonic() - started)))
+
+
+def kv_full_sync(work: Path, primary: Server, revision: int, name: str) -> Sync:
+    pids = [primary.pid]
     replica: Server | None = None
     try:
-        revision, _ = asyncio.run(status(primary.url()))
-        replica_port = free_port()
-        started = time.monotonic()
-        replica = start_replica(work, "fr-r", primary, port=replica_port)
-        with peak_rss(primary.pid, replica.pid) as peaks:
-            asyncio.run(_wait_revision(replica.url(), revision, 600))
-            seconds = time.monotonic() - started
-        kv = (seconds, peaks[primary.pid], max(peaks[replica.pid], peak_rss_bytes(replica.pid)))
+        with other_cpu(pids) as other:
+            started = time.monotonic()
+            replica = start_replica(work, name, primary)
+            pids.append(replica.pid)
+            with peak_rss(primary.pid, replica.pid) as peaks:
+                asyncio.run(_wait_revision(replica.url(), revision, 600))
+                seconds = time.monotonic() - started
+        replica_peak = max(peaks[replica.pid], peak_rss_bytes(replica.pid))
+        return Sync(seconds, peaks[primary.pid], replica_peak, other[0])
     finally:
-        primary.stop()
         if replica is not None:
             replica.stop()
-    redis = redis_full_sync(work, keys)
-    out.add(f"## 4. Full resync of {keys:,} keys (bench data set: 19-byte keys, 100-byte values)")
-    out.add("")
-    out.add("| system | time to synced (s) | primary peak RSS (MiB) | replica peak RSS (MiB) |")
-    out.add("|---|---|---|---|")
-    out.add(f"| kvservice (replica start -> revision reached) | {kv[0]:.2f} | {kv[1] / MiB:,.0f} | "
-            f"{kv[2] / MiB:,.0f} |")  # fmt: skip
-    if redis is not None:
-        out.add(f"| redis-server `--replicaof` (start -> link up, sync done) | {redis[0]:.2f} | "
-                f"{redis[1] / MiB:,.0f} | {redis[2] / MiB:,.0f} |")  # fmt: skip
-        out.add("")
-        out.add(f"**Ratio kvservice/redis: {kv[0] / redis[0]:.2f}x** (target <= 2x). Both "
-                "include starting the replica process.")  # fmt: skip
-        out.figures["resync_ratio"] = kv[0] / redis[0]
-    else:
-        out.add("")
-        out.add("redis-server is not installed: no comparison.")
-    out.add("")
 
 
-def redis_full_sync(work: Path, keys: int) -> tuple[float, int, int] | None:
-    if not peers.installed("redis-server"):
-        return None
+def redis_full_sync(work: Path, master: Server, name: str) -> Sync:
+    port = free_port()
+    data = work / f"{name}-data"
+    data.mkdir(exist_ok=True)
+    argv = [*peers.redis_argv(data, port), "--replicaof", "127.0.0.1", str(master.port)]
+    pids = [master.pid]
+    replica: Child | None = None
+    try:
+        with other_cpu(pids) as other:
+            started = time.monotonic()
+            replica = Child(name, argv, work / f"{name}.log").start()
+            pids.append(replica.pid)
+            with peak_rss(master.pid, replica.pid) as peaks:
+                deadline = time.monotonic() + 600
+                while not _redis_synced(port):
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"redis replica {name} not in sync after 600 s")
+                    time.sleep(0.01)
+                seconds = time.monotonic() - started
+        return Sync(seconds, peaks[master.pid], peaks[replica.pid], other[0])
+    finally:
+        if replica is not None:
+            replica.stop()
+
+
+def _redis_synced(port: int) -> bool:
+    with contextlib.suppress(BenchError):
+        info = peers.redis_info(port, "replication")
+        return info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == "0"
+    return False
+
+
+def start_redis_master(work: Path, keys: int) -> Server:
     master = peers.start_redis(work, "redis-m")
-    replica_child: Child | None = None
     try:
         resp = dataset.write_resp_file(work / "sets.resp", keys)
         peers.redis_cli(master.port, "FLUSHALL")
@@ -386,51 +629,81 @@ def redis_full_sync(work: Path, keys: int) -> tuple[float, int, int] | None:
         with open(resp, "rb") as stdin:
             subprocess.run(["redis-cli", "-p", str(master.port), "--pipe"], stdin=stdin,
                            capture_output=True, check=True, timeout=600)  # fmt: skip
-        port = free_port()
-        data = work / "redis-r-data"
-        data.mkdir(exist_ok=True)
-        argv = [*peers.redis_argv(data, port), "--replicaof", "127.0.0.1", str(master.port)]
-        started = time.monotonic()
-        replica_child = Child("redis-r", argv, work / "redis-r.log").start()
-        with peak_rss(master.pid, replica_child.pid) as peaks:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                with contextlib.suppress(BenchError):
-                    info = peers.redis_info(port, "replication")
-                    if (
-                        info.get("master_link_status") == "up"
-                        and info.get("master_sync_in_progress") == "0"
-                    ):
-                        break
-                time.sleep(0.01)
-            seconds = time.monotonic() - started
-        return seconds, peaks[master.pid], peaks[replica_child.pid]
-    finally:
+    except BaseException:
         master.stop()
-        if replica_child is not None:
-            replica_child.stop()
+        raise
+    return master
+
+
+def full_resync(plan: Plan, work: Path, out: Results) -> None:
+    """kvservice and redis, one new replica each per round, alternating."""
+    keys = plan.resync_keys
+    data_dir = work / "fr-p"
+    dataset.build_snapshot_dir(data_dir, keys)
+    kv: list[Sync] = []
+    rd: list[Sync] = []
+    with contextlib.ExitStack() as stack:
+        primary = start_node(work, "fr-p", data_dir)
+        stack.callback(primary.stop)
+        revision, _ = asyncio.run(status(primary.url()))
+        master = None
+        if peers.installed("redis-server"):
+            master = start_redis_master(work, keys)
+            stack.callback(master.stop)
+        for round_no in range(plan.rounds):
+            kv.append(kv_full_sync(work, primary, revision, f"fr-r{round_no}"))
+            if master is not None:
+                rd.append(redis_full_sync(work, master, f"redis-r{round_no}"))
+
+    def row(system: str, runs: list[Sync]) -> str:
+        times = [r.seconds for r in runs]
+        others = [r.other_cpu for r in runs]
+        return (f"| {system} | **{statistics.median(times):.2f}** ({min(times):.2f}-"
+                f"{max(times):.2f}) | {max(r.primary_peak for r in runs) / MiB:,.0f} | "
+                f"{max(r.replica_peak for r in runs) / MiB:,.0f} | "
+                f"{statistics.median(others):.2f} "
+                f"({min(others):.2f}-{max(others):.2f}) |")  # fmt: skip
+
+    out.add(f"## 4. Full resync of {keys:,} keys (bench data set: 19-byte keys, 100-byte values)")
+    out.add("")
+    out.add(f"{plan.rounds} alternating rounds, a new empty replica each time; medians (min-max).")
+    out.add("")
+    out.add("| system | time to synced (s) | primary peak RSS (MiB) | replica peak RSS (MiB) "
+            "| other CPU (cores) |")  # fmt: skip
+    out.add("|---|---|---|---|---|")
+    out.add(row("kvservice (replica start -> revision reached)", kv))
+    if rd:
+        out.add(row("redis-server `--replicaof` (start -> link up, sync done)", rd))
+        ratio = statistics.median(r.seconds for r in kv) / statistics.median(r.seconds for r in rd)
+        out.add("")
+        out.add(f"**Ratio kvservice/redis: {ratio:.2f}x** (target <= 2x). Both include starting "
+                "the replica process; redis syncs diskless (repl-diskless-sync-delay 0), its "
+                "replica loads the RDB it receives.")  # fmt: skip
+        out.figures["resync_ratio"] = ratio
+    else:
+        out.add("")
+        out.add("redis-server is not installed: no comparison.")
+    out.add("")
 
 
 # -- main ----------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny counts, seconds")
-    parser.add_argument("--only", default="", help="comma-separated: cpu,lag,catchup,resync")
-    parser.add_argument("--out", type=Path, default=None, help="results file")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = Plan.make(args.smoke)
-    wanted = set(filter(None, args.only.split(","))) or {"cpu", "lag", "catchup", "resync"}
+PARTS = ("cpu", "lag", "catchup", "resync")
+
+
+def run(plan: Plan, wanted: set[str], target: Path, command: str) -> Path:
+    """Measure the `wanted` PARTS and write the results file `target`; `command` is how
+    the run was started (quoted in the file)."""
     out = Results()
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     out.add(f"# Replication benchmarks ({'smoke' if plan.smoke else 'full'} run, {stamp})")
     out.add("")
-    out.add(f"Command: `python -m bench.replication{' --smoke' if plan.smoke else ''}"
-            f"{' --only ' + args.only if args.only else ''}`; 2 cores shared by every "
-            "process of the run; fsync=always everywhere.")  # fmt: skip
+    out.add(f"Command: `{command}`; 2 cores shared by every process of the run and by other "
+            "agents' test suites (each section says how much CPU those took); fsync=always "
+            "everywhere but the lag diagnostic's replicas.")  # fmt: skip
     out.add("")
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kvs-repl-bench-") as tmp:
         work = Path(tmp)
         max_rate = 0.0
@@ -442,9 +715,26 @@ def main(argv: list[str] | None = None) -> int:
             catch_up(plan, work, out, max_rate)
         if "resync" in wanted:
             full_resync(plan, work, out)
-    target = args.out or OUT / ("replication-smoke.md" if plan.smoke else "replication.md")
+    out.add(f"Whole run: {time.monotonic() - started:.0f} s.")
+    target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(out.lines) + "\n")
-    print(f"results: {target}")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny counts, seconds")
+    parser.add_argument("--only", default="", help=f"comma-separated: {','.join(PARTS)}")
+    parser.add_argument("--out", type=Path, default=None, help="results file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    plan = Plan.make(args.smoke)
+    wanted = set(filter(None, args.only.split(","))) or set(PARTS)
+    if wanted - set(PARTS):
+        parser.error(f"--only: unknown {', '.join(sorted(wanted - set(PARTS)))}")
+    command = "python -m bench.replication" + " ".join(["", *(argv or sys.argv[1:])])
+    target = args.out or OUT / ("replication-smoke.md" if plan.smoke else "replication.md")
+    print(f"results: {run(plan, wanted, target, command)}")
     return 0
 
 

@@ -13,7 +13,7 @@ from bench.profile import Profile
 from bench.recovery import RecoveryResult
 from bench.stats import DASH, TIMES, Summary, ratio, summarize
 from bench.targets import Verdict
-from bench.throughput import Case, Settings
+from bench.throughput import COMPARE_SUFFIX, Case, Settings
 from bench.tools import Machine
 
 
@@ -37,6 +37,7 @@ class Results:
     profiles: list[Profile] = field(default_factory=list)
     commands: dict[str, list[str]] = field(default_factory=dict)
     elapsed_seconds: float = 0.0
+    compare_label: str | None = None  # name of --compare-repo's kvservice, if any
 
     def rps(self, key: str) -> Summary | None:
         runs = self.throughput.get(key)
@@ -66,6 +67,7 @@ def render(results: Results) -> str:
         _header(results),
         _targets(results),
         _throughput(results),
+        _before_after(results),
         _vs_peers(results),
         _profiles(results),
         _memory(results),
@@ -165,6 +167,61 @@ def _throughput(r: Results) -> str:
         + "\n"
         + _bottleneck_note(r)
         + _group_commit(r)
+    )
+
+
+def _before_after(r: Results) -> str:
+    """--compare-repo: each kvservice case against its twin on the other checkout. The
+    twins ran back to back in every round, so per-round ratios pair like with like."""
+    if r.compare_label is None:
+        return ""
+    rows = []
+    for case in r.cases:
+        base, other = r.throughput.get(case.key), r.throughput.get(case.key + COMPARE_SUFFIX)
+        if not base or not other:
+            continue
+        before = summarize([x.rps for x in base])
+        after = summarize([x.rps for x in other])
+        paired = summarize([b.rps / a.rps for a, b in zip(base, other, strict=True)])
+        others = summarize([x.other_cpu for x in base + other])
+        # Server CPU per request: what the code costs, whatever share of a core it got.
+        cost_before = summarize([x.server_cpu / x.rps * 1e6 for x in base]).median
+        cost_after = summarize([x.server_cpu / x.rps * 1e6 for x in other]).median
+        rows.append(
+            [
+                case.label,
+                f"{fmt_num(before.median)} ({fmt_num(before.low)}{DASH}{fmt_num(before.high)})",
+                f"{fmt_num(after.median)} ({fmt_num(after.low)}{DASH}{fmt_num(after.high)})",
+                f"**{fmt_ratio(ratio(after.median, before.median))}**",
+                f"{fmt_ratio(paired.median)} ({fmt_ratio(paired.low)}{DASH}"
+                f"{fmt_ratio(paired.high)})",
+                f"{cost_before:,.0f} / {cost_after:,.0f} "
+                f"(**{fmt_ratio(ratio(cost_after, cost_before))}**)",
+                f"{others.median:.2f} ({others.low:.2f}{DASH}{others.high:.2f})",
+            ]
+        )
+    if not rows:
+        return ""
+    label = r.compare_label
+    before_commit = r.versions.get("kvservice commit", "?")
+    after_commit = r.versions.get(f"{label} kvservice commit", "?")
+    head = [
+        "case (fsync=always)",
+        f"before `{before_commit}` req/s, median (min{DASH}max)",
+        f"{label} `{after_commit}` req/s",
+        f"{label} / before (medians)",
+        f"per-round {label} / before, median (min{DASH}max)",
+        f"server CPU µs per request, before / {label} (ratio)",
+        "other CPU",
+    ]
+    return (
+        f"## Before / {label} (the same cases against two checkouts, back to back in each "
+        "round)\n\n"
+        + _table(head, rows)
+        + "\nPer-round ratios pair the two runs of one round (back to back); CPU per request "
+        "is the server's utime+stime over a run divided by its requests, which preemption by "
+        "other processes inflates less than it cuts throughput. Other CPU: the rest of the "
+        "machine, median (min" + DASH + "max) over both sides' runs.\n"
     )
 
 

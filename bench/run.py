@@ -1,9 +1,12 @@
 """Run the benchmarks of issue 4 and write the results file.
 
-    python -m bench.run            # full run (< 10 min): bench/results/latest.md + dated copy
+    python -m bench.run            # full run (~10 min): latest.md + dated copy, replication.md
     python -m bench.run --smoke    # seconds, tiny counts: bench/results/smoke.md
     python -m bench.run --only snapshot,gc   # bench/results/snapshot-gc.md (opt-in cases)
+    python -m bench.run --only replication   # bench/results/replication.md alone (~4 min)
     python -m bench.run --only snapshot --compare-repo ../after   # before/after side by side
+    python -m bench.run --only kv-get,kv-set-json-always,kv-set-proto-always \
+        --kvservice-repo ../before --compare-repo ../after        # hot path before/after
 
 Peers (redis-server, etcd) and wrk are installed with apt-get when missing
 (full run; `--install` for the smoke). What cannot be installed is skipped and
@@ -16,6 +19,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import shlex
 import sys
 import tempfile
 import time
@@ -27,9 +31,11 @@ from pathlib import Path
 from bench import (
     dataset,
     gclatency,
+    gcserve,
     memory,
     profile,
     recovery,
+    replication,
     snapgc_report,
     snapshot,
     targets,
@@ -40,12 +46,14 @@ from bench.load import http_generator
 from bench.peers import start_etcd, start_redis
 from bench.procs import BenchError
 from bench.report import Results, render
-from bench.servers import REPO, Server, start_kvservice, start_uvicorn_app
+from bench.servers import REPO, Server, command_argv, start_kvservice, start_uvicorn_app
 
 log = logging.getLogger("bench.run")
 DEFAULT_OUT = REPO / "bench" / "results"
-# Cases outside the full run (they add minutes): run with --only snapshot and/or gc.
-OPT_IN = ("snapshot", "gc")
+# Cases with a results file of their own, run when --only names them: snapshot and gc
+# (snapshot-gc.md; not in the full run, they add minutes), and replication
+# (bench/replication.py -> replication.md; about 4 minutes, also in the full run).
+OPT_IN = ("snapshot", "gc", "replication")
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,9 @@ class Plan:
     profile: bool
     only: tuple[str, ...] = ()  # substrings of case keys (or "memory", "recovery"); () = all
     kvservice_repo: Path = REPO  # the checkout whose kvservice the opt-in cases serve
-    compare_repo: Path | None = None  # a second checkout, run side by side (snapshot case)
+    compare_repo: Path | None = None  # a second checkout, side by side (snapshot, kv hot path)
     compare_label: str = "after"
+    gc_modes: tuple[str, ...] = gcserve.MODES  # the GC modes the gc case compares
 
     def wants(self, name: str) -> bool:
         return not self.only or any(part in name for part in self.only)
@@ -73,6 +82,12 @@ class Plan:
     def opted(self, name: str) -> bool:
         """Opt-in cases (OPT_IN) run only when --only names them."""
         return name in self.only
+
+    @property
+    def replication(self) -> bool:
+        """bench/replication.py: named by --only, or part of the full run (not the smoke
+        run, whose only file is smoke.md: `--smoke --only replication` smoke-tests it)."""
+        return self.opted("replication") or not (self.only or self.smoke)
 
     @property
     def standard(self) -> bool:
@@ -97,6 +112,7 @@ class Plan:
             kvservice_repo=args.kvservice_repo.resolve(),
             compare_repo=args.compare_repo.resolve() if args.compare_repo else None,
             compare_label=args.compare_label,
+            gc_modes=tuple(args.gc_modes.split(",")) if args.gc_modes else gcserve.MODES,
         )
 
 
@@ -126,32 +142,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         help="comma-separated parts of case keys to run (e.g. kv-set,redis, or memory); "
-        "writes partial.md; `snapshot` and `gc` (not in the full run) write snapshot-gc.md",
+        "writes partial.md; `snapshot` and `gc` (not in the full run) write snapshot-gc.md, "
+        "`replication` (also in the full run) replication.md",
     )
     parser.add_argument(
         "--kvservice-repo",
         type=Path,
         default=REPO,
-        help="checkout whose kvservice the snapshot and gc cases serve (default: this one)",
+        help="checkout whose kvservice the kvservice, snapshot and gc cases serve "
+        "(default: this one)",
     )
     parser.add_argument(
         "--compare-repo",
         type=Path,
-        help="second checkout: the snapshot case runs against both in alternating rounds "
-        "and reports compare/base ratios (base = --kvservice-repo, 'before')",
+        help="second checkout: the snapshot case, and kvservice Get and Set at fsync=always, "
+        "run against both in alternating rounds with compare/base ratios "
+        "(base = --kvservice-repo, 'before')",
     )
     parser.add_argument(
         "--compare-label",
         default="after",
         help="name of --compare-repo in the tables (default: after; the base is 'before')",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--gc-modes",
+        help="comma-separated GC modes for the gc case (default: all of "
+        f"{','.join(gcserve.MODES)})",
+    )
+    args = parser.parse_args(argv)
+    unknown = set((args.gc_modes or "").split(",")) - set(gcserve.MODES) - {""}
+    if unknown:
+        parser.error(f"--gc-modes: unknown {', '.join(sorted(unknown))}")
+    return args
 
 
 def prepare_tools(plan: Plan) -> list[str]:
     """Install what is missing if allowed; return what is still missing. The opt-in
     cases alone need only wrk (the peers are for the cases of issue 4)."""
     commands = None if plan.standard else ["wrk"]
+    if commands is not None and plan.opted("replication"):
+        commands += ["redis-server", "redis-cli"]  # the full resync's peer
     return tools.install_missing(commands) if plan.install else tools.missing(commands)
 
 
@@ -162,14 +192,20 @@ def run_throughput(plan: Plan, results: Results, work: Path, missing: list[str])
         def keep(server: Server) -> Server:
             stack.callback(server.stop)
             servers[server.system] = server
-            results.commands[server.system] = server.child.argv
+            results.commands[server.system] = command_argv(server)
             return server
 
         keep(start_uvicorn_app(work, "bare-asgi", "bench.apps.bare_asgi:app"))
         keep(start_uvicorn_app(work, "bare-connect", "bench.apps.bare_connect:app"))
-        keep(start_kvservice(work, "kvservice", work / "kv-always", fsync="always"))
-        keep(start_kvservice(work, "kvservice-fsync-no", work / "kv-no", fsync="no"))
-        cases = throughput.python_cases(servers, work, results.settings)
+        repo = plan.kvservice_repo
+        keep(start_kvservice(work, "kvservice", work / "kv-always", fsync="always", repo=repo))
+        keep(start_kvservice(work, "kvservice-fsync-no", work / "kv-no", fsync="no", repo=repo))
+        if plan.compare_repo is not None:
+            compare = start_kvservice(
+                work, throughput.COMPARE_SYSTEM, work / "kv-compare", repo=plan.compare_repo
+            )
+            keep(compare)
+        cases = throughput.python_cases(servers, work, results.settings, plan.compare_label)
         if "etcd" in missing:
             results.skipped.append("etcd cases: etcd (Debian etcd-server) is not installed")
         elif plan.wants("etcd-"):
@@ -261,9 +297,20 @@ def run(plan: Plan, out: Path) -> list[Path]:
     paths = []
     if plan.standard:
         paths += run_standard(plan, out, settings, missing)
-    if any(plan.opted(name) for name in OPT_IN):
+    if plan.opted("snapshot") or plan.opted("gc"):
         paths += run_snapshot_gc(plan, out, settings)
+    if plan.replication:
+        paths.append(run_replication(plan, out))
     return paths
+
+
+def run_replication(plan: Plan, out: Path) -> Path:
+    """bench/replication.py, all of it -> replication.md (smoke: replication-smoke.md)."""
+    target = out / ("replication-smoke.md" if plan.smoke else "replication.md")
+    command = shlex.join(["python", "-m", "bench.run", *sys.argv[1:]])
+    return replication.run(
+        replication.Plan.make(plan.smoke), set(replication.PARTS), target, command
+    )
 
 
 def run_standard(
@@ -281,6 +328,9 @@ def run_standard(
             settings=settings,
             partial=bool(plan.only),
         )
+        name_checkouts(plan, results.versions)
+        if plan.compare_repo is not None:
+            results.compare_label = plan.compare_label
         if settings.generator != "wrk":
             results.skipped.append("wrk is not installed: HTTP load came from bench/pyload.py")
         run_throughput(plan, results, work, missing)
@@ -289,6 +339,19 @@ def run_standard(
     results.verdicts = targets.judge(results)
     results.elapsed_seconds = time.monotonic() - started
     return write_results(results, out)
+
+
+def name_checkouts(plan: Plan, versions: dict[str, str]) -> None:
+    """Name the code under test, not the bench commits on top of it: the last commit that
+    changed kvservice/ in each checkout served; this checkout's HEAD is the bench commit.
+    `versions` must come from tools.versions(REPO)."""
+    if plan.kvservice_repo != REPO or plan.compare_repo is not None:
+        snapshot.systems_for(plan.kvservice_repo, plan.compare_repo)  # refuses a wrong import
+    versions["bench commit"] = versions["kvservice commit"]
+    versions["kvservice commit"] = snapshot.kvservice_commit(plan.kvservice_repo)
+    if plan.compare_repo is not None:
+        label = f"{plan.compare_label} kvservice commit"
+        versions[label] = snapshot.kvservice_commit(plan.compare_repo)
 
 
 def run_snapshot_gc(plan: Plan, out: Path, settings: throughput.Settings) -> list[Path]:
@@ -301,19 +364,19 @@ def run_snapshot_gc(plan: Plan, out: Path, settings: throughput.Settings) -> lis
             smoke=plan.smoke,
             argv=sys.argv,
             machine=tools.machine(work),
-            versions=tools.versions(plan.kvservice_repo),
+            versions=tools.versions(REPO),
             settings=settings,
         )
-        # Name the code under test, not the bench commits on top of it.
-        results.versions["bench commit"] = results.versions["kvservice commit"]
-        results.versions["kvservice commit"] = snapshot.kvservice_commit(plan.kvservice_repo)
+        name_checkouts(plan, results.versions)
         if plan.opted("snapshot"):
             systems = snapshot.systems_for(
                 plan.kvservice_repo, plan.compare_repo, plan.compare_label
             )
             results.snapshot = snapshot.measure(work, systems, plan.keys, plan.rounds)
         if plan.opted("gc"):
-            results.gc = gclatency.measure(work, plan.keys, settings, plan.kvservice_repo)
+            results.gc = gclatency.measure(
+                work, plan.keys, settings, plan.kvservice_repo, plan.gc_modes
+            )
     results.elapsed_seconds = time.monotonic() - started
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("snapshot-gc-smoke.md" if plan.smoke else "snapshot-gc.md")

@@ -90,6 +90,14 @@ def kvservice_origin(repo: Path) -> Path:
     return origin
 
 
+def command_argv(server: Server) -> list[str]:
+    """`server`'s argv, behind `env PYTHONPATH=...` when it serves another checkout."""
+    env = server.child.env or {}
+    if "PYTHONPATH" not in env:
+        return list(server.child.argv)
+    return ["env", f"PYTHONPATH={env['PYTHONPATH']}", *server.child.argv]
+
+
 def shell_command(server: Server) -> str:
     """How to start `server` by hand: its directory, PYTHONPATH (if set) and argv."""
     child = server.child

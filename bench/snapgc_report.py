@@ -279,7 +279,8 @@ def _snapshot_load(r: SnapGcResults) -> str:
         "they were due: inside the snapshot call, or before/after it in the same run; a "
         "second run of the same length without a snapshot follows. Medians over rounds "
         f"(min{DASH}max); requests and errors are totals. On 2 cores the snapshot writer "
-        '(a forked child today) takes one core for the whole call; "other CPU" is what the '
+        "(a forked child at 52f1e93, a spawned `kvservice.storage.compact` process since) "
+        'takes one core for the whole call; "other CPU" is what the '
         "rest of the machine took in the same window. Near 1 core, the node shares the "
         "remaining core with the load generator, so a p50 that rises with the p99 during "
         "the snapshot means CPU contention, not one stall; it applies to both checkouts "

@@ -161,14 +161,46 @@ def python_specs(servers: dict[str, Server]) -> list[HttpSpec]:
     return specs
 
 
-def python_cases(servers: dict[str, Server], work: Path, settings: Settings) -> list[Case]:
+# The second checkout of a before/after run (--compare-repo): its server's name, and
+# the suffix of its cases' keys (so `--only kv-get` selects both sides).
+COMPARE_SYSTEM = "kvservice-compare"
+COMPARE_SUFFIX = "-cmp"
+# kvservice cases that are repeated against the second checkout: the hot path.
+COMPARED = ("kv-get-json", "kv-get-proto", "kv-set-json-always", "kv-set-proto-always")
+
+
+def compare_specs(specs: list[HttpSpec], other: Server, label: str) -> list[HttpSpec]:
+    """`specs`, with a twin of each COMPARED case against `other` right after it, so that
+    the two sides of a pair run back to back in every round."""
+    out = []
+    for spec in specs:
+        out.append(spec)
+        if spec.key in COMPARED:
+            out.append(
+                dataclasses.replace(
+                    spec,
+                    key=spec.key + COMPARE_SUFFIX,
+                    label=spec.label.replace("kvservice", f"kvservice ({label})", 1),
+                    server=other,
+                )
+            )
+    return out
+
+
+def python_cases(
+    servers: dict[str, Server], work: Path, settings: Settings, compare_label: str = "after"
+) -> list[Case]:
+    """The Python cases; with a COMPARE_SYSTEM server, also its twins of COMPARED."""
+    specs = python_specs(servers)
     # Get must find its key in kvservice: write it once through the API.
-    kv = servers["kvservice"]
-    http_post(kv.url(KV_PATH + "Set"), dataset.kv_body("Set", "json"), CONNECT_JSON)
+    kvs = [servers["kvservice"]]
+    if COMPARE_SYSTEM in servers:
+        kvs.append(servers[COMPARE_SYSTEM])
+        specs = compare_specs(specs, servers[COMPARE_SYSTEM], compare_label)
+    for kv in kvs:
+        http_post(kv.url(KV_PATH + "Set"), dataset.kv_body("Set", "json"), CONNECT_JSON)
     # Set cases also read the WAL counters, to show how well group commit batches.
-    return [
-        http_case(spec, work, settings, probe=spec.op == "set") for spec in python_specs(servers)
-    ]
+    return [http_case(spec, work, settings, probe=spec.op == "set") for spec in specs]
 
 
 def etcd_cases(etcd: Server, work: Path, settings: Settings) -> list[Case]:

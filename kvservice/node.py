@@ -187,6 +187,8 @@ class Node:
         acknowledging it."""
         if self.closed:
             raise ShuttingDown("the node is shutting down")
+        if self.role != "replica":
+            raise ReplicationRefused(f"this node is a {self.role}; it applies no pushes")
         entries = [_decode_record(data) for data in records]
         expected = self.store.revision + 1
         for entry in entries:

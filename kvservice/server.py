@@ -133,6 +133,7 @@ def build_replication(settings: Settings, node: Node, metrics: Metrics) -> Repli
         wal, feed, snapshotter = _storage(settings, store.revision, active, time.time(), metrics)
         node.swap_storage(store, wal, feed, snapshotter)
         wal.start()
+        manager.sync_node_role()  # the new retention keeps what the role needs
 
     state = load_state(settings.data_dir)
     manager = ReplicationManager(settings, state, node, rebuild, peer_access(settings))

@@ -35,7 +35,7 @@ from kvservice.replication.primary import Sender
 from kvservice.replication.replica import LinkView, Rebuild, ReplicaSide
 from kvservice.replication.state import ReplicationState, new_id, save_state
 from kvservice.v1.admin_connect import AdminClient
-from kvservice.v1.admin_pb2 import PromoteRequest, ReplicaOfRequest
+from kvservice.v1.admin_pb2 import PromoteRequest, ReplicaOfRequest, ReplicationStatusRequest
 
 log = logging.getLogger("kvservice.replication")
 
@@ -83,19 +83,23 @@ class ReplicationManager:
         self.primary_url = state.primary_url or settings.primary_url or ""
         self.senders: dict[str, Sender] = {}
         self.replica: ReplicaSide | None = None
-        self.fenced = ""
+        self.fenced = state.fenced if self.role == "primary" else ""
         # The replica a planned switchover hands over to (writes refused meanwhile).
         self.switching_to = ""
         self.force_next_sync = False
         self._rebuild = rebuild
         self._ack_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._ack_moved = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         self._past_mismatches = 0
-        self._set_node_role()
+        self.sync_node_role()
 
-    def _set_node_role(self) -> None:
-        self.node.role = self.role
+    def sync_node_role(self) -> None:
+        self.node.role = "fenced" if self.fenced else self.role
         self.node.primary_url = self.primary_url or None
+        # The WAL kept behind the snapshots for returning replicas: a primary's job.
+        retention = self.node.snapshotter.retention
+        retention.keep_bytes = self.settings.repl_backlog_bytes if self.role == "primary" else 0
 
     async def start(self) -> None:
         if self.role == "primary":
@@ -122,7 +126,8 @@ class ReplicationManager:
         if self.replica is not None:
             replica, self.replica = self.replica, None
             self._past_mismatches += replica.digest_mismatches
-            await replica.close()
+            async with replica.lock:  # a push or install in flight finishes first
+                await replica.close()
 
     async def save(self, state: ReplicationState) -> None:
         """Persist the state durably, then use it."""
@@ -146,10 +151,11 @@ class ReplicationManager:
             state, replication_id=new_id(), epoch=state.epoch + 1,
             prev_replication_id=state.replication_id,
             prev_end_revision=self.node.store.revision, role="primary", primary_url="",
+            fenced="",
         )  # fmt: skip
         await self.save(promoted)  # before the first write it accepts
         self.role, self.primary_url, self.fenced = "primary", "", ""
-        self._set_node_role()
+        self.sync_node_role()
         log.warning(
             "promoted to primary",
             extra={"replication_id": promoted.replication_id, "epoch": promoted.epoch,
@@ -164,10 +170,10 @@ class ReplicationManager:
         """Follow `primary_url` from now on; return the role this node had."""
         previous = self.role
         await self._stop_parts()
-        await self.save(replace(self.state, role="replica", primary_url=primary_url))
+        await self.save(replace(self.state, role="replica", primary_url=primary_url, fenced=""))
         self.role, self.primary_url, self.fenced = "replica", primary_url, ""
         self.force_next_sync = force
-        self._set_node_role()
+        self.sync_node_role()
         log.warning("now a replica", extra={"primary": primary_url, "was": previous,
                                             "force": force})  # fmt: skip
         self.replica = ReplicaSide(self, self.node, self._rebuild, primary_url)
@@ -186,6 +192,11 @@ class ReplicationManager:
         self.node.role = "fenced"
         self.node.primary_url = newer_primary or None
         log.critical("fenced by a higher epoch", extra={"epoch": epoch, "primary": newer_primary})
+        # Remembered across a restart (until Promote or ReplicaOf).
+        fenced = replace(self.state, fenced=self.fenced)
+        task = asyncio.get_running_loop().create_task(self.save(fenced), name="persist fence")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def add_replica(self, url: str) -> bool:
         """Start pushing to `url` (configured, or a replica that announced itself)."""
@@ -215,9 +226,10 @@ class ReplicationManager:
         if wanted == 0 or self.role != "primary":
             return
         max_lag = self.settings.min_replicas_max_lag_seconds
-        healthy = sum(
-            1 for s in self.senders.values() if s.connected and s.lag_seconds() <= max_lag
-        )
+        healthy = len({
+            s.peer_id or s.url for s in self.senders.values()
+            if s.connected and s.lag_seconds() <= max_lag
+        })  # fmt: skip
         if healthy < wanted:
             raise NotEnoughReplicas(
                 f"{healthy} healthy replicas, min_replicas is {wanted} (a replica is healthy"
@@ -234,20 +246,22 @@ class ReplicationManager:
         if sender is None:
             known = ", ".join(self.senders) or "none"
             raise ReplicationRefused(f"{to} is not a replica of this primary (replicas: {known})")
+        if self.switching_to:
+            raise ReplicationRefused(f"a switchover to {self.switching_to} is already under way")
         self.switching_to = to
         paused = time.monotonic()
+        target = self.node.store.revision
+        if not await self.wait_for_replicas_at(sender, target, seconds):
+            self.switching_to = ""  # nothing changed anywhere: writes resume here
+            raise ReplicasNotReached(
+                f"{to} did not make revision {target} durable within {seconds:.0f} s"
+                f" (it has {sender.acked}); writes resumed here"
+            )
         try:
-            target = self.node.store.revision
-            got = await self.wait_for_replicas_at(sender, target, seconds)
-            if not got:
-                raise ReplicasNotReached(
-                    f"{to} did not make revision {target} durable within {seconds:.0f} s"
-                    f" (it has {sender.acked}); writes resumed here"
-                )
             async with self.admin_client(to, 30_000) as admin:
                 promoted = await admin.promote(PromoteRequest(), headers=self.peers.headers)
-        except BaseException:
-            self.switching_to = ""
+        except (ConnectError, OSError) as exc:
+            await self._after_failed_promote(to, exc)
             raise
         pause_ms = (time.monotonic() - paused) * 1000
         others = [url for url in self.senders if url != to]
@@ -270,6 +284,25 @@ class ReplicationManager:
         return FailoverResult(target, pause_ms, promoted.replication_id, promoted.epoch,
                               repointed, failed)  # fmt: skip
 
+    async def _after_failed_promote(self, to: str, exc: BaseException) -> None:
+        """The promotion call failed, but `to` may have promoted itself all the same
+        (a timeout, a dropped answer): resume writes only if it certainly did not."""
+        try:
+            async with self.admin_client(to, 5_000) as admin:
+                status = await admin.replication_status(
+                    ReplicationStatusRequest(), headers=self.peers.headers
+                )
+        except (ConnectError, OSError):
+            # Unknown: keep refusing writes (switching_to stays set); the operator
+            # checks `to` and runs replicaof or promote (docs/runbook.md).
+            log.error("switchover outcome unknown: writes stay refused here",
+                      extra={"to": to, "error": str(exc)})  # fmt: skip
+            return
+        if status.role == "primary" and status.epoch > self.state.epoch:
+            self.fence(status.epoch, to)
+        else:
+            self.switching_to = ""
+
     def admin_client(self, url: str, timeout_ms: int) -> AdminClient:
         return AdminClient(url, timeout_ms=timeout_ms, http_client=self.peers.http_client)
 
@@ -286,7 +319,9 @@ class ReplicationManager:
         return True
 
     def acked_by(self, revision: int) -> int:
-        return sum(1 for s in self.senders.values() if s.acked >= revision)
+        """Distinct replicas (by node id: one replica may be known by two URLs) that
+        made `revision` durable."""
+        return len({s.peer_id or s.url for s in self.senders.values() if s.acked >= revision})
 
     async def wait_for_replicas(self, revision: int, count: int, seconds: float) -> int:
         """Wait until `count` replicas made `revision` durable; return how many did."""

@@ -19,6 +19,7 @@ made progress; every retry is logged and counted.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -86,7 +87,10 @@ class Sender:
         self.partial_resyncs = 0
         self.retries = 0
         self.connected = False
-        self._behind_since: float | None = None
+        self.peer_id = ""  # the replica's node id, from its answers
+        # (revision, when it became durable here) of entries the replica may not have:
+        # its lag in seconds is the age of the first one above `acked`.
+        self._durable_at: collections.deque[tuple[int, float]] = collections.deque()
         self._progressed = False
         self._wake = asyncio.Event()
         self._closing = False
@@ -127,6 +131,8 @@ class Sender:
                     with attempt:
                         await self._session_until_progress_lost()
             except ShuttingDown:
+                self.connected = False
+                self._set_state("failed" if self.manager.fenced else "connecting")
                 return
             except Exception as exc:  # a bug: log it, keep the sender alive
                 log.exception("replica sender crashed", extra={"replica": self.url})
@@ -183,6 +189,7 @@ class Sender:
         self._set_state("connecting")
         probe = await self._push(self.position, [])
         self.connected = True
+        self.peer_id = probe.node_id
         if probe.result == PushResult.PUSH_RESULT_REFUSED:
             raise LinkError(f"the replica refused: {probe.message}")
         # The replica may ask for a full resync itself (a digest mismatch).
@@ -194,6 +201,11 @@ class Sender:
                 " (see docs/runbook.md, 'Replica ahead of its primary')"
             )
         self.position = probe.revision
+        # What it holds now, in our history (a replica that lost its tail or is in
+        # another history has acknowledged nothing of ours yet).
+        self.acked = probe.durable_revision if same else 0
+        self._durable_at.clear()
+        self._note_behind(self.node.wal.durable_revision)
         self._hold(lambda: self.position)
         reader = await self._open_backlog(self.position) if same else None
         if reader is None:
@@ -209,7 +221,6 @@ class Sender:
             self.partial_resyncs += 1
             log.info("partial resync", extra={"replica": self.url, "from_revision": self.position})
         self._set_state("streaming")
-        self._progressed = True
         await self._stream(reader)
 
     def _same_history(self, probe: PushResponse) -> bool:
@@ -249,8 +260,6 @@ class Sender:
                 subscription.close()
 
     async def _catch_up(self, reader: BacklogReader, until: int) -> None:
-        if self.position < until and self._behind_since is None:
-            self._behind_since = time.monotonic()
         while self.position < until:
             batch = await asyncio.to_thread(
                 reader.read, until, max_entries=self.batch_entries, max_bytes=self.batch_bytes
@@ -267,8 +276,8 @@ class Sender:
                 )
             except TimeoutError:
                 batch = []
-            if batch and self._behind_since is None:
-                self._behind_since = time.monotonic()
+            if batch:
+                self._note_behind(batch[-1].revision)
             for part in _by_bytes(batch, self.batch_bytes) if batch else [[]]:
                 await self._send(part)
 
@@ -277,8 +286,8 @@ class Sender:
                                  self._digest_for(batch))  # fmt: skip
         if reply.result == PushResult.PUSH_RESULT_OK:
             self.position = reply.revision
-            if self.acked >= self.node.wal.durable_revision:
-                self._behind_since = None
+            if batch:
+                self._progressed = True  # data went through: a later failure retries at once
             return
         if reply.result == PushResult.PUSH_RESULT_POSITION_MISMATCH:
             self.position = reply.revision
@@ -314,6 +323,8 @@ class Sender:
         if reply.result == PushResult.PUSH_RESULT_OK and reply.durable_revision > self.acked:
             # (Only an answer in our history counts: another's revisions mean nothing here.)
             self.acked = reply.durable_revision
+            while self._durable_at and self._durable_at[0][0] <= self.acked:
+                self._durable_at.popleft()
             self.manager.note_ack()
         return reply
 
@@ -363,6 +374,7 @@ class Sender:
         finally:
             os.close(fd)
         self.position = self.acked = reply.revision
+        self._progressed = True  # a transfer completed: a later failure retries at once
         self.manager.note_ack()
         log.info(
             "full resync done",
@@ -392,11 +404,16 @@ class Sender:
     def lag_revisions(self) -> int:
         return max(0, self.node.wal.durable_revision - self.acked)
 
+    def _note_behind(self, revision: int) -> None:
+        """`revision` is durable here now (the replica has it once acked reaches it)."""
+        if revision > self.acked and (not self._durable_at or revision > self._durable_at[-1][0]):
+            self._durable_at.append((revision, time.monotonic()))
+
     def lag_seconds(self) -> float:
-        if self.lag_revisions() == 0:
+        """Age of the oldest entry durable here that the replica has not acknowledged."""
+        if not self._durable_at or self.lag_revisions() == 0:
             return 0.0
-        since = self._behind_since
-        return time.monotonic() - since if since is not None else 0.0
+        return time.monotonic() - self._durable_at[0][1]
 
 
 def _by_bytes(batch: list[Committed], limit: int) -> list[list[Committed]]:

@@ -15,6 +15,7 @@ then switches (storage/install.py) in one step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -79,7 +80,9 @@ class ReplicaSide:
         self.primary_url = self.configured_primary or ""
         self.state = "unlinked"
         self.last_contact: float | None = None  # monotonic
-        self.caught_up_at: float | None = None  # monotonic; None while never caught up
+        # (revision, when the primary first reported it durable): the lag is the age
+        # of the oldest report above what this replica has applied.
+        self._reports: collections.deque[tuple[int, float]] = collections.deque()
         self.primary_revision = 0
         self.last_error = ""
         self.digest_mismatches = 0
@@ -87,8 +90,9 @@ class ReplicaSide:
         # Why this replica refuses its primary's data (it would lose writes), if it does.
         self.refused = ""
         self.full_resync_reason = ""  # why it asks for a full resync (needs_full_resync)
+        self.broken = ""  # a staged full resync could not be switched to: restart needed
         self.needs_full_resync = False
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
         self._incoming: Incoming | None = None
         self._announcer: asyncio.Task[None] | None = None
         self._closing = False
@@ -114,7 +118,12 @@ class ReplicaSide:
     # -- pushes -------------------------------------------------------------------
 
     async def push(self, request: PushRequest) -> PushResponse:
-        async with self._lock:
+        async with self.lock:
+            if self._closing or self.broken:  # the role changed meanwhile, or a switch failed
+                return self._answer(
+                    PushResult.PUSH_RESULT_REFUSED,
+                    self.broken or "this node is no longer a replica",
+                )
             refused = await self._not_applicable(request)
             if refused is not None:
                 return refused
@@ -128,6 +137,8 @@ class ReplicaSide:
             self._note_position()
             self.state = "streaming"
             self.last_error = ""
+            if not self.needs_full_resync:
+                self.manager.force_next_sync = False  # following normally again
             store = self.node.store
             if request.digest_revision == store.revision and store.digest != request.digest:
                 return self._digest_mismatch(request)
@@ -193,7 +204,6 @@ class ReplicaSide:
         if (
             primary.epoch > state.epoch
             or self.manager.force_next_sync
-            or self.needs_full_resync
             or (not state.replication_id and self.node.store.revision == 0)
         ):
             self.refused = ""
@@ -299,6 +309,8 @@ class ReplicaSide:
     def _heard_from(self, primary: PrimaryInfo) -> None:
         self.last_contact = time.monotonic()
         self.primary_revision = primary.durable_revision
+        if primary.durable_revision > (self._reports[-1][0] if self._reports else 0):
+            self._reports.append((primary.durable_revision, self.last_contact))
         if primary.url and primary.url != self.primary_url:
             self.primary_url = primary.url
             self.node.primary_url = self.configured_primary or primary.url
@@ -307,13 +319,15 @@ class ReplicaSide:
             self.state = "connecting"
 
     def _note_position(self) -> None:
-        if self.node.store.revision >= self.primary_revision:
-            self.caught_up_at = time.monotonic()
+        while self._reports and self._reports[0][0] <= self.node.store.revision:
+            self._reports.popleft()
 
     # -- full resync ----------------------------------------------------------------
 
     async def install(self, request: InstallSnapshotRequest) -> InstallSnapshotResponse:
-        async with self._lock:
+        async with self.lock:
+            if self._closing:
+                raise ReplicationRefused("this node is no longer a replica")
             refusal = self._refusal(request.primary)
             if refusal:
                 self.last_error = refusal
@@ -334,7 +348,6 @@ class ReplicaSide:
                     extra={"primary": request.primary.url, "revision": request.revision},
                 )
             incoming = self._incoming
-            self.manager.force_next_sync = False
             if incoming is None or incoming.transfer_id != request.transfer_id:
                 raise ReplicationRefused("no such snapshot transfer here; start again at offset 0")
             if request.offset != incoming.size:
@@ -345,22 +358,39 @@ class ReplicaSide:
                 return InstallSnapshotResponse(next_offset=incoming.size)
             self._incoming = None
             try:
-                await self._switch(incoming, request)
+                snapshot = await self._stage(incoming, request)
             except BaseException:
+                # Nothing live was touched: forget the transfer, keep serving old data.
                 await asyncio.to_thread(discard_install, data_dir)
                 self.state = "unlinked"
+                raise
+            # Past COMPLETE the switch must finish: shielded from cancellation (a
+            # shutdown), and a failure leaves the staged install for the next start.
+            try:
+                await asyncio.shield(self._switch(snapshot, request))
+            except Exception as exc:
+                self.broken = (
+                    f"a full resync was staged but switching to it failed ({exc!r}):"
+                    " restart the node to finish it"
+                )
+                log.critical("full resync switch failed", extra={"error": repr(exc)})
                 raise
             return InstallSnapshotResponse(
                 next_offset=incoming.size, revision=self.node.store.revision
             )
 
-    async def _switch(self, incoming: Incoming, request: InstallSnapshotRequest) -> None:
-        """Verify the received snapshot, stage it, and switch the node to it."""
+    async def _stage(self, incoming: Incoming, request: InstallSnapshotRequest) -> LoadedSnapshot:
+        """Verify the received snapshot (every record) and stage it (COMPLETE last)."""
         data_dir = self.settings.data_dir
         path = await asyncio.to_thread(incoming.finish)
-        started = time.monotonic()
         snapshot = await asyncio.to_thread(load_snapshot_as, path, request.revision)
         await asyncio.to_thread(stage_install, data_dir, path, snapshot.revision)
+        return snapshot
+
+    async def _switch(self, snapshot: LoadedSnapshot, request: InstallSnapshotRequest) -> None:
+        """Switch the node to the staged snapshot: its history, its files, its store."""
+        data_dir = self.settings.data_dir
+        started = time.monotonic()
         # The new history is recorded once staged: a crash from here on finishes
         # the install at the next start, so state and data always agree.
         state = self.manager.state
@@ -377,6 +407,7 @@ class ReplicaSide:
         self._note_position()
         self.state = "streaming"
         self.needs_full_resync, self.digest_error = False, ""
+        self.manager.force_next_sync = False  # used: the forced replacement happened
         log.info(
             "full resync installed",
             extra={"revision": snapshot.revision, "keys": len(store),
@@ -442,19 +473,18 @@ class ReplicaSide:
         return "streaming" if self.state == "streaming" else "unlinked"
 
     def lag_seconds(self, now: float) -> float:
-        """0 when caught up with what the primary last reported; else since last caught up."""
-        if self.node.store.revision >= self.primary_revision and self.caught_up_at is not None:
-            silence = now - self.last_contact if self.last_contact is not None else 0.0
-            return max(0.0, silence - self.settings.repl_heartbeat_seconds)
-        since = self.caught_up_at if self.caught_up_at is not None else self.last_contact
-        return now - since if since is not None else 0.0
+        """How long ago the primary first reported a revision this replica still lacks
+        (0 when it has everything reported); silence beyond a heartbeat counts too."""
+        if self._reports:
+            return now - self._reports[0][1]
+        silence = now - self.last_contact if self.last_contact is not None else 0.0
+        return max(0.0, silence - self.settings.repl_heartbeat_seconds)
 
     def readiness(self) -> str | None:
         """Why this replica is not ready (None when it is)."""
-        if self.digest_error:
-            return self.digest_error
-        if self.refused:
-            return self.refused
+        problem = self.broken or self.digest_error or self.refused
+        if problem:
+            return problem
         now = time.monotonic()
         state = self.linked_state(now)
         if state == "full-sync":

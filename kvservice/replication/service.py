@@ -17,6 +17,7 @@ from kvservice.v1.replication_pb2 import (
     InstallSnapshotResponse,
     PushRequest,
     PushResponse,
+    PushResult,
 )
 
 
@@ -31,7 +32,18 @@ class ReplicationService:
 
     @connect_errors
     async def push(self, request: PushRequest, ctx: RequestContext[Any, Any]) -> PushResponse:
-        return await self._replica().push(request)
+        manager = self.manager
+        if manager.replica is None:
+            # Answered, not raised: the pusher reads our epoch from it and, if it is
+            # an older primary, fences itself (the node it promoted tells it so).
+            state = manager.state
+            return PushResponse(
+                result=PushResult.PUSH_RESULT_REFUSED, epoch=state.epoch,
+                replication_id=state.replication_id, node_id=state.node_id,
+                revision=manager.node.store.revision, primary_url=manager.settings.own_url,
+                message="this node is a primary; it takes no pushes",
+            )  # fmt: skip
+        return await manager.replica.push(request)
 
     @connect_errors
     async def install_snapshot(

@@ -39,6 +39,9 @@ class ReplicationState:
     # primary_url at the next start, so a demoted primary never comes back as one.
     role: str = ""
     primary_url: str = ""
+    # Set when this primary met a higher epoch: it stays fenced across restarts
+    # until Promote or ReplicaOf.
+    fenced: str = ""
 
     def with_history(self, replication_id: str, epoch: int) -> ReplicationState:
         return replace(self, replication_id=replication_id, epoch=epoch)

@@ -147,6 +147,8 @@ class Wal:
         """
         if self.failure is not None:
             raise WalFailed(self.failure)
+        if self._closing:
+            raise WalFailed("the WAL is closed")
         # (One rotation at a time: records appended meanwhile join the new segment.)
         if self._size >= self.segment_bytes and self._rotation is None:
             self._size = 0

@@ -246,3 +246,26 @@ def test_an_empty_primary_never_wipes_a_replica(make_server, tmp_path: Path) -> 
     wait_for("the replica replaced by force", lambda: status(r1).revision == 0)
     with r1.client() as client:
         assert not client.get(GetRequest(key="k9")).found
+
+
+def test_the_promoted_node_itself_fences_the_old_primary(make_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two nodes: the replica is promoted while the old primary keeps running; the old
+    primary's next push meets the new epoch and it stops taking writes, also after a
+    restart (the fence is persisted)."""
+    primary = make_server(*FAST, data_dir=tmp_path / "p").start()
+    r1 = replica(make_server, tmp_path, "r1", primary.url)
+    wait_for("r1 streaming", streaming(primary, 1))
+    assert run_cli("promote", "--url", r1.url).returncode == 0
+
+    def fenced() -> bool:
+        try:
+            set_(primary, "late", b"x")
+        except ConnectError as exc:
+            return exc.code == Code.FAILED_PRECONDITION and "fenced" in exc.message
+        return False
+
+    wait_for("the old primary fenced by r1", fenced, timeout=30)
+    primary.stop()
+    primary = make_server(*FAST, data_dir=tmp_path / "p", port=primary.port).start()
+    assert fenced()  # still fenced after a restart
+    assert "fenced" in status(primary).fenced
