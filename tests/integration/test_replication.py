@@ -323,10 +323,9 @@ def test_replica_sigkill_mid_stream_resumes_by_partial_resync(cluster: Cluster) 
     load = burst(primary, "crash")
     load.wait_for_acks(300)
     for _ in range(2):
-        wait_for(
-            "an acknowledgement from the replica",
-            lambda: replica_status(primary, replica).acked_revision > 0,
-        )
+        # Linked again (to this process) before each kill, so each kill costs a resync.
+        wait_streaming(primary, replica)
+        ack_more(load, 100)
         time.sleep(random.uniform(0, 0.2))
         acked = replica_status(primary, replica).acked_revision
         replica.kill()
