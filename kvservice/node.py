@@ -211,10 +211,15 @@ class Node:
         if self.store.revision >= revision:
             return True
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._revision_waiters, (revision, next(self._waiter_seq), future))
+        waiters = self._revision_waiters
+        if len(waiters) > 1024:  # drop the ones that gave up (they are done)
+            self._revision_waiters = waiters = [w for w in waiters if not w[2].done()]
+            heapq.heapify(waiters)
+        heapq.heappush(waiters, (revision, next(self._waiter_seq), future))
         try:
             await asyncio.wait_for(asyncio.shield(future), seconds)
         except TimeoutError:
+            future.cancel()  # done: pruned from the heap later, never woken
             return self.store.revision >= revision
         return True
 

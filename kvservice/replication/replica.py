@@ -83,6 +83,9 @@ class ReplicaSide:
         # (revision, when the primary first reported it durable): the lag is the age
         # of the oldest report above what this replica has applied.
         self._reports: collections.deque[tuple[int, float]] = collections.deque()
+        # Whether this replica reached its primary's durable revision since it (re)linked.
+        self.caught_up = False
+        self._latest_sent_ms = 0  # the newest push seen (older ones are stale replays)
         self.primary_revision = 0
         self.last_error = ""
         self.digest_mismatches = 0
@@ -146,9 +149,9 @@ class ReplicaSide:
 
     async def _not_applicable(self, request: PushRequest) -> PushResponse | None:
         """The answer to a push that must not be applied; None when it may be."""
-        refusal = self._refusal(request.primary)
-        if refusal:
-            return self._answer(PushResult.PUSH_RESULT_REFUSED, refusal)
+        early = self._refused_or_stale(request)
+        if early is not None:
+            return early
         self._heard_from(request.primary)
         if self.needs_full_resync:
             return self._answer(
@@ -175,6 +178,18 @@ class ReplicaSide:
                 f"this replica is at revision {self.node.store.revision},"
                 f" not {request.prev_revision}",
             )
+        return None
+
+    def _refused_or_stale(self, request: PushRequest) -> PushResponse | None:
+        refusal = self._refusal(request.primary)
+        if refusal:
+            return self._answer(PushResult.PUSH_RESULT_REFUSED, refusal)
+        if 0 < request.primary.sent_unix_ms < self._latest_sent_ms and (
+            request.prev_revision != self.node.store.revision
+        ):
+            # A delayed or replayed push, older than one already handled: its view of
+            # the primary is stale. Only the position is answered.
+            return self._answer(PushResult.PUSH_RESULT_POSITION_MISMATCH, "a stale push")
         return None
 
     def _behind(self, primary: PrimaryInfo) -> str:
@@ -307,7 +322,13 @@ class ReplicaSide:
             )
 
     def _heard_from(self, primary: PrimaryInfo) -> None:
-        self.last_contact = time.monotonic()
+        now = time.monotonic()
+        if self.linked_state(now) == "unlinked":
+            # Back from a restart or a lost link: not ready until caught up again (the
+            # age of what is missing is unknown: it may be far older than the link).
+            self.caught_up = False
+        self.last_contact = now
+        self._latest_sent_ms = max(self._latest_sent_ms, primary.sent_unix_ms)
         self.primary_revision = primary.durable_revision
         if primary.durable_revision > (self._reports[-1][0] if self._reports else 0):
             self._reports.append((primary.durable_revision, self.last_contact))
@@ -321,6 +342,8 @@ class ReplicaSide:
     def _note_position(self) -> None:
         while self._reports and self._reports[0][0] <= self.node.store.revision:
             self._reports.popleft()
+        if self.node.store.revision >= self.primary_revision:
+            self.caught_up = True
 
     # -- full resync ----------------------------------------------------------------
 
@@ -486,6 +509,11 @@ class ReplicaSide:
         if problem:
             return problem
         now = time.monotonic()
+        if not self.caught_up and self.linked_state(now) == "streaming":
+            return (
+                f"catching up: at revision {self.node.store.revision} of the primary's"
+                f" {self.primary_revision}"
+            )
         state = self.linked_state(now)
         if state == "full-sync":
             return "full resync in progress"
