@@ -428,7 +428,8 @@ def lag(plan: Plan, work: Path, out: Results, max_rate: float) -> None:
     out.add("## 2. Replication lag at half the primary's maximum write rate")
     out.add("")
     out.add(f"Load: `bench.rateload` Sets on the primary (fsync=always) at {rate:,.0f}/s (half "
-            f"of {max_rate:,.0f}, the maximum with two replicas attached), {LAG_CONNECTIONS} connections, random keys of 50,000, "
+            f"of {max_rate:,.0f}, the maximum with two replicas attached), "
+            f"{LAG_CONNECTIONS} connections, random keys of 50,000, "
             f"{plan.lag_seconds + 1} s. Probe, in this process: every "
             f"{PROBE_INTERVAL * 1000:.0f} ms one Set on the primary, then `Get(minRevision)` on "
             "both replicas from its ack (the replica answers once it has applied that "
