@@ -20,7 +20,8 @@ from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import ReplicationStatusRequest, ReplicationStatusResponse
 from kvservice.v1.kv_connect import KVStoreClientSync
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
-from tests.integration.conftest import ServerProcess, run_cli, wait_for
+from tests.faults.proxy import FaultProxy
+from tests.integration.conftest import ServerProcess, free_port, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 FAST = ("--repl-heartbeat-seconds", "0.2", "--repl-retry-max-seconds", "0.5")
@@ -269,3 +270,62 @@ def test_the_promoted_node_itself_fences_the_old_primary(make_server, tmp_path: 
     primary = make_server(*FAST, data_dir=tmp_path / "p", port=primary.port).start()
     assert fenced()  # still fenced after a restart
     assert "fenced" in status(primary).fenced
+
+
+def test_an_old_primary_partitioned_during_promotion_is_fenced_when_healed(
+    make_server, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """The primary is cut off from both replicas (TCP proxies in front of them) while r1
+    is promoted and r2 repointed; it keeps acknowledging writes meanwhile. Once the
+    links heal it meets the higher epoch and stops; none of its writes reach anyone."""
+    proxies = [FaultProxy(free_port()).start() for _ in range(2)]
+    try:
+        primary = make_server(*FAST, data_dir=tmp_path / "p").start()
+        replicas = [
+            make_server(
+                "--role",
+                "replica",
+                "--primary-url",
+                primary.url,
+                *FAST,
+                "--advertise-url",
+                proxy.url,
+                data_dir=tmp_path / f"r{i}",
+                port=proxy.upstream[1],
+            ).start()
+            for i, proxy in enumerate(proxies)
+        ]
+        r1, r2 = replicas
+        wait_for("both replicas streaming", streaming(primary, 2))
+        set_(primary, "before", b"1", wait_replicas=2)
+        for proxy in proxies:
+            proxy.cut()
+        assert run_cli("promote", "--url", r1.url).returncode == 0
+        assert run_cli("replicaof", "--url", r2.url, "--primary", r1.url).returncode == 0
+        # Partitioned, the old primary still takes writes (it has not met epoch 1 yet).
+        cut_off = [f"cut-{i}" for i in range(5)]
+        for key in cut_off:
+            set_(primary, key, b"x")
+        for proxy in proxies:
+            proxy.heal()
+        after_heal: list[str] = []
+
+        def fenced() -> bool:
+            key = f"healed-{len(after_heal)}"
+            try:
+                set_(primary, key, b"x")
+            except ConnectError as exc:
+                return exc.code == Code.FAILED_PRECONDITION and "fenced" in exc.message
+            after_heal.append(key)
+            return False
+
+        wait_for("the old primary fenced after the heal", fenced, timeout=30)
+        time.sleep(1.0)  # any push that could carry them has had its chance
+        for node in (r1, r2):
+            with node.client() as client:
+                assert client.get(GetRequest(key="before")).found
+                for key in cut_off + after_heal:
+                    assert not client.get(GetRequest(key=key)).found, (node.url, key)
+    finally:
+        for proxy in proxies:
+            proxy.close()
