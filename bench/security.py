@@ -27,8 +27,8 @@ import jwt
 import yaml
 
 from bench import dataset
-from bench.load import RESULT_TAG, CpuWindow, _result_line
-from bench.procs import Child, free_port, http_ok, run_measured, tcp_open
+from bench.load import HttpLoad, run_http
+from bench.procs import Child, free_port, http_ok, tcp_open
 from bench.servers import REPO, Server, await_ready
 from kvservice.app import create_app
 from kvservice.config import load
@@ -41,21 +41,6 @@ JSON = "application/json"
 KV = "/kvservice.v1.KVStore/"
 TOKEN = "bench-token-0123456789"
 SECRET = b"bench-secret-0123456789abcdef0123456789"
-
-WRK_SCRIPT = """\
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-{auth}
-local f = io.open("{body_path}", "rb")
-wrk.body = f:read("*a")
-f:close()
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format("{tag} %d %d %d %.0f %.0f\\n", summary.requests, summary.duration,
-    e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
 
 
 @dataclass
@@ -135,21 +120,13 @@ def run_case(
 ) -> tuple[float, float, float]:
     body = work / f"{op}.body"
     body.write_bytes(dataset.kv_body(op, "json"))
-    auth = f'wrk.headers["Authorization"] = "Bearer {node.token}"' if node.token else ""
-    script = work / f"{node.name}-{op}.lua"
-    script.write_text(WRK_SCRIPT.format(auth=auth, body_path=body, tag=RESULT_TAG))
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
-            "-s", str(script), node.url(KV + op)]  # fmt: skip
-    with CpuWindow(node.server.pid) as cpu:
-        done = run_measured(argv, timeout=seconds + 30)
-    fields = _result_line(done)
-    if fields["errors"]:
-        raise SystemExit(f"{node.name} {op}: {fields['errors']:.0f} non-2xx replies: check setup")
-    server, _, other = cpu.cores(done)
-    seconds = fields["duration_us"] / 1e6
-    rps = fields["requests"] / seconds
+    headers = (("Authorization", f"Bearer {node.token}"),) if node.token else ()
+    http_load = HttpLoad(node.url(KV + op), body, JSON, connections, seconds, headers)
+    result = run_http(http_load, node.server.pid, "wrk")
+    if result.errors:
+        raise SystemExit(f"{node.name} {op}: {result.errors} non-2xx replies: check setup")
     # Server CPU per request is steadier than req/s when other work shares the cores.
-    return rps, server / rps * 1e6, other
+    return result.rps, result.server_cpu / result.rps * 1e6, result.other_cpu
 
 
 def main() -> None:
