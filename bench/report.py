@@ -488,7 +488,11 @@ def _commands(r: Results) -> str:
         "",
         "```lua",
     ]
-    lines += [WRK_SCRIPT.format(content_type="CONTENT_TYPE", body_path="BODY_FILE", tag=RESULT_TAG)]
+    lines += [
+        WRK_SCRIPT.format(
+            content_type="CONTENT_TYPE", extra_headers="", body_path="BODY_FILE", tag=RESULT_TAG
+        )
+    ]
     lines += ["```", ""]
     return "\n".join(lines)
 
