@@ -42,9 +42,15 @@ _INVALID = object()
 
 def _is_flat(descriptor: Descriptor) -> bool:
     return all(
-        f.type in _FLAT and not f.is_repeated and f.containing_oneof is None
-        for f in descriptor.fields
+        f.type in _FLAT and not f.is_repeated and _alone(f) for f in descriptor.fields
     )
+
+
+def _alone(field: FieldDescriptor) -> bool:
+    """Not in a real oneof. A proto3 `optional` field sits in a synthetic oneof of its
+    own (named `_<field>`, protoc's rule): setting it is all its presence takes."""
+    oneof = field.containing_oneof
+    return oneof is None or (len(oneof.fields) == 1 and oneof.name == f"_{field.name}")
 
 
 def _to_json_value(field: FieldDescriptor) -> Callable[[Any], Any]:

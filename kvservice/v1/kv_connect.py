@@ -26,6 +26,24 @@ class KVStore(Protocol):
     async def delete(self, request: kvservice_dot_v1_dot_kv__pb2.DeleteRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.DeleteResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
+    async def touch(self, request: kvservice_dot_v1_dot_kv__pb2.TouchRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.TouchResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def increment(self, request: kvservice_dot_v1_dot_kv__pb2.IncrementRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.IncrementResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def m_get(self, request: kvservice_dot_v1_dot_kv__pb2.MGetRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.MGetResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def txn(self, request: kvservice_dot_v1_dot_kv__pb2.TxnRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.TxnResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    async def scan(self, request: kvservice_dot_v1_dot_kv__pb2.ScanRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.ScanResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
+    def watch(self, request: kvservice_dot_v1_dot_kv__pb2.WatchRequest, ctx: RequestContext) -> AsyncIterator[kvservice_dot_v1_dot_kv__pb2.WatchResponse]:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+
 
 class KVStoreASGIApplication(ConnectASGIApplication[KVStore]):
     def __init__(self, service: KVStore | AsyncGenerator[KVStore], *, interceptors: Iterable[Interceptor]=(), read_max_bytes: int | None = None, compressions: Iterable[Compression] | None = None) -> None:
@@ -61,6 +79,66 @@ class KVStoreASGIApplication(ConnectASGIApplication[KVStore]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.delete,
+                ),
+                "/kvservice.v1.KVStore/Touch": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Touch",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.TouchRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.TouchResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.touch,
+                ),
+                "/kvservice.v1.KVStore/Increment": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Increment",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.IncrementRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.IncrementResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.increment,
+                ),
+                "/kvservice.v1.KVStore/MGet": Endpoint.unary(
+                    method=MethodInfo(
+                        name="MGet",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.MGetRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.MGetResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=svc.m_get,
+                ),
+                "/kvservice.v1.KVStore/Txn": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Txn",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.TxnRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.TxnResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.txn,
+                ),
+                "/kvservice.v1.KVStore/Scan": Endpoint.unary(
+                    method=MethodInfo(
+                        name="Scan",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.ScanRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.ScanResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=svc.scan,
+                ),
+                "/kvservice.v1.KVStore/Watch": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="Watch",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.WatchRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.WatchResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.watch,
                 ),
             },
             interceptors=interceptors,
@@ -137,6 +215,130 @@ class KVStoreClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def touch(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.TouchRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_kv__pb2.TouchResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Touch",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.TouchRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.TouchResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def increment(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.IncrementRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_kv__pb2.IncrementResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Increment",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.IncrementRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.IncrementResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def m_get(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.MGetRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_kv__pb2.MGetResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="MGet",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.MGetRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.MGetResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
+    async def txn(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.TxnRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_kv__pb2.TxnResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Txn",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.TxnRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.TxnResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    async def scan(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.ScanRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_kv__pb2.ScanResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Scan",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.ScanRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.ScanResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
+    def watch(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.WatchRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[kvservice_dot_v1_dot_kv__pb2.WatchResponse]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="Watch",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.WatchRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.WatchResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
 
 class KVStoreSync(Protocol):
     def get(self, request: kvservice_dot_v1_dot_kv__pb2.GetRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.GetResponse:
@@ -144,6 +346,18 @@ class KVStoreSync(Protocol):
     def set(self, request: kvservice_dot_v1_dot_kv__pb2.SetRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.SetResponse:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
     def delete(self, request: kvservice_dot_v1_dot_kv__pb2.DeleteRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.DeleteResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def touch(self, request: kvservice_dot_v1_dot_kv__pb2.TouchRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.TouchResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def increment(self, request: kvservice_dot_v1_dot_kv__pb2.IncrementRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.IncrementResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def m_get(self, request: kvservice_dot_v1_dot_kv__pb2.MGetRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.MGetResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def txn(self, request: kvservice_dot_v1_dot_kv__pb2.TxnRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.TxnResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def scan(self, request: kvservice_dot_v1_dot_kv__pb2.ScanRequest, ctx: RequestContext) -> kvservice_dot_v1_dot_kv__pb2.ScanResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
+    def watch(self, request: kvservice_dot_v1_dot_kv__pb2.WatchRequest, ctx: RequestContext) -> Iterator[kvservice_dot_v1_dot_kv__pb2.WatchResponse]:
         raise ConnectError(Code.UNIMPLEMENTED, "Not implemented")
 
 
@@ -180,6 +394,66 @@ class KVStoreWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.delete,
+                ),
+                "/kvservice.v1.KVStore/Touch": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Touch",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.TouchRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.TouchResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.touch,
+                ),
+                "/kvservice.v1.KVStore/Increment": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Increment",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.IncrementRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.IncrementResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.increment,
+                ),
+                "/kvservice.v1.KVStore/MGet": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="MGet",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.MGetRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.MGetResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=service.m_get,
+                ),
+                "/kvservice.v1.KVStore/Txn": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Txn",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.TxnRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.TxnResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.txn,
+                ),
+                "/kvservice.v1.KVStore/Scan": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="Scan",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.ScanRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.ScanResponse,
+                        idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+                    ),
+                    function=service.scan,
+                ),
+                "/kvservice.v1.KVStore/Watch": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="Watch",
+                        service_name="kvservice.v1.KVStore",
+                        input=kvservice_dot_v1_dot_kv__pb2.WatchRequest,
+                        output=kvservice_dot_v1_dot_kv__pb2.WatchResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.watch,
                 ),
             },
             interceptors=interceptors,
@@ -250,6 +524,130 @@ class KVStoreClientSync(ConnectClientSync):
                 service_name="kvservice.v1.KVStore",
                 input=kvservice_dot_v1_dot_kv__pb2.DeleteRequest,
                 output=kvservice_dot_v1_dot_kv__pb2.DeleteResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def touch(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.TouchRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_kv__pb2.TouchResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Touch",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.TouchRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.TouchResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def increment(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.IncrementRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_kv__pb2.IncrementResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Increment",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.IncrementRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.IncrementResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def m_get(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.MGetRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_kv__pb2.MGetResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="MGet",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.MGetRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.MGetResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
+    def txn(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.TxnRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> kvservice_dot_v1_dot_kv__pb2.TxnResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Txn",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.TxnRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.TxnResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
+    def scan(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.ScanRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        use_get: bool = False,
+    ) -> kvservice_dot_v1_dot_kv__pb2.ScanResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="Scan",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.ScanRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.ScanResponse,
+                idempotency_level=IdempotencyLevel.NO_SIDE_EFFECTS,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+            use_get=use_get,
+        )
+
+    def watch(
+        self,
+        request: kvservice_dot_v1_dot_kv__pb2.WatchRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+    ) -> Iterator[kvservice_dot_v1_dot_kv__pb2.WatchResponse]:
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="Watch",
+                service_name="kvservice.v1.KVStore",
+                input=kvservice_dot_v1_dot_kv__pb2.WatchRequest,
+                output=kvservice_dot_v1_dot_kv__pb2.WatchResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

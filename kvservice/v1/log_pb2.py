@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvservice/v1/log.proto\x12\x0ckvservice.v1\"\xeb\x01\n\x08LogEntry\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12>\n\toperation\x18\x02 \x01(\x0e\x32 .kvservice.v1.LogEntry.OperationR\toperation\x12\x10\n\x03key\x18\x03 \x01(\tR\x03key\x12\x14\n\x05value\x18\x04 \x01(\x0cR\x05value\"O\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x11\n\rOPERATION_SET\x10\x01\x12\x14\n\x10OPERATION_DELETE\x10\x02J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"\xd6\x01\n\x0eSnapshotHeader\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12\x1b\n\tkey_count\x18\x02 \x01(\x04R\x08keyCount\x12&\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03R\rcreatedUnixMs\x12%\n\x0ereplication_id\x18\x04 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x05 \x01(\x04R\x05\x65poch\x12\x1b\n\x06\x64igest\x18\x06 \x01(\x04H\x00R\x06\x64igest\x88\x01\x01\x42\t\n\x07_digest\"P\n\rSnapshotChunk\x12\x12\n\x04keys\x18\x01 \x03(\tR\x04keys\x12+\n\x11revisioned_values\x18\x02 \x03(\x0cR\x10revisionedValues\".\n\x0fSnapshotTrailer\x12\x1b\n\tkey_count\x18\x01 \x01(\x04R\x08keyCountb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvservice/v1/log.proto\x12\x0ckvservice.v1\"\x90\x04\n\x08LogEntry\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12>\n\toperation\x18\x02 \x01(\x0e\x32 .kvservice.v1.LogEntry.OperationR\toperation\x12\x10\n\x03key\x18\x03 \x01(\tR\x03key\x12\x14\n\x05value\x18\x04 \x01(\x0cR\x05value\x12\"\n\rexpires_at_ms\x18\x05 \x01(\x03R\x0b\x65xpiresAtMs\x12\x30\n\x07\x65ntries\x18\x06 \x03(\x0b\x32\x16.kvservice.v1.LogEntryR\x07\x65ntries\x12\x18\n\x07\x65xpired\x18\x07 \x01(\x08R\x07\x65xpired\x12K\n\x0evalue_encoding\x18\x08 \x01(\x0e\x32$.kvservice.v1.LogEntry.ValueEncodingR\rvalueEncoding\"y\n\tOperation\x12\x19\n\x15OPERATION_UNSPECIFIED\x10\x00\x12\x11\n\rOPERATION_SET\x10\x01\x12\x14\n\x10OPERATION_DELETE\x10\x02\x12\x13\n\x0fOPERATION_TOUCH\x10\x03\x12\x13\n\x0fOPERATION_BATCH\x10\x04\"H\n\rValueEncoding\x12\x1e\n\x1aVALUE_ENCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13VALUE_ENCODING_ZSTD\x10\x01\"\xd6\x01\n\x0eSnapshotHeader\x12\x1a\n\x08revision\x18\x01 \x01(\x04R\x08revision\x12\x1b\n\tkey_count\x18\x02 \x01(\x04R\x08keyCount\x12&\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03R\rcreatedUnixMs\x12%\n\x0ereplication_id\x18\x04 \x01(\tR\rreplicationId\x12\x14\n\x05\x65poch\x18\x05 \x01(\x04R\x05\x65poch\x12\x1b\n\x06\x64igest\x18\x06 \x01(\x04H\x00R\x06\x64igest\x88\x01\x01\x42\t\n\x07_digest\"P\n\rSnapshotChunk\x12\x12\n\x04keys\x18\x01 \x03(\tR\x04keys\x12+\n\x11revisioned_values\x18\x02 \x03(\x0cR\x10revisionedValues\".\n\x0fSnapshotTrailer\x12\x1b\n\tkey_count\x18\x01 \x01(\x04R\x08keyCountb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvservice.v1.log_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOGENTRY']._serialized_start=41
-  _globals['_LOGENTRY']._serialized_end=276
-  _globals['_LOGENTRY_OPERATION']._serialized_start=185
-  _globals['_LOGENTRY_OPERATION']._serialized_end=264
-  _globals['_SNAPSHOTHEADER']._serialized_start=279
-  _globals['_SNAPSHOTHEADER']._serialized_end=493
-  _globals['_SNAPSHOTCHUNK']._serialized_start=495
-  _globals['_SNAPSHOTCHUNK']._serialized_end=575
-  _globals['_SNAPSHOTTRAILER']._serialized_start=577
-  _globals['_SNAPSHOTTRAILER']._serialized_end=623
+  _globals['_LOGENTRY']._serialized_end=569
+  _globals['_LOGENTRY_OPERATION']._serialized_start=374
+  _globals['_LOGENTRY_OPERATION']._serialized_end=495
+  _globals['_LOGENTRY_VALUEENCODING']._serialized_start=497
+  _globals['_LOGENTRY_VALUEENCODING']._serialized_end=569
+  _globals['_SNAPSHOTHEADER']._serialized_start=572
+  _globals['_SNAPSHOTHEADER']._serialized_end=786
+  _globals['_SNAPSHOTCHUNK']._serialized_start=788
+  _globals['_SNAPSHOTCHUNK']._serialized_end=868
+  _globals['_SNAPSHOTTRAILER']._serialized_start=870
+  _globals['_SNAPSHOTTRAILER']._serialized_end=916
 # @@protoc_insertion_point(module_scope)
