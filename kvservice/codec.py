@@ -41,9 +41,7 @@ _INVALID = object()
 
 
 def _is_flat(descriptor: Descriptor) -> bool:
-    return all(
-        f.type in _FLAT and not f.is_repeated and _alone(f) for f in descriptor.fields
-    )
+    return all(f.type in _FLAT and not f.is_repeated and _alone(f) for f in descriptor.fields)
 
 
 def _alone(field: FieldDescriptor) -> bool:
