@@ -18,7 +18,8 @@ from kvservice.config import Settings
 from kvservice.engine import Store
 from kvservice.feed import CommitFeed
 from kvservice.metrics import Metrics, NodeGauges, ReplicationGauges
-from kvservice.node import Limits, Node
+from kvservice.node import ExpirySettings, Node
+from kvservice.ops import Limits
 from kvservice.peers import peer_access
 from kvservice.replication.manager import ReplicationManager
 from kvservice.replication.state import load_state
@@ -71,7 +72,11 @@ def build_node(settings: Settings, recovery: Recovery, metrics: Metrics) -> Node
     )  # fmt: skip
     node = Node(
         recovery.store, wal, feed, snapshotter,
-        Limits(settings.max_key_bytes, settings.max_value_bytes),
+        Limits(
+            settings.max_key_bytes, settings.max_value_bytes, settings.max_batch_ops,
+            settings.compression_min_bytes if settings.compression == "zstd" else None,
+        ),
+        expiry=ExpirySettings(settings.expiry_cycle_ms, settings.expiry_keys_per_cycle),
     )  # fmt: skip
     metrics.observe_recovery(recovery)
     wal_dir, _ = data_dirs(settings.data_dir)
