@@ -87,6 +87,9 @@ def test_promote_and_replicaof_keep_every_replica_in_one_history(
     assert set_(old, "lost", b"!") == 21
     assert run_cli("replicaof", "--url", old.url, "--primary", r1.url).returncode == 0
     wait_for("old primary streaming from r1", streaming(r1, 2))
+    # It rewound to the fork point (revision 20) and resumed from there.
+    [back] = [link for link in status(r1).replicas if link.url == old.url]
+    assert (back.partial_resyncs, back.full_resyncs) == (1, 0)
     with old.client() as client:
         assert client.get(GetRequest(key="after")).revision == 21
         assert not client.get(GetRequest(key="lost")).found
