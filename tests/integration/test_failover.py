@@ -28,6 +28,7 @@ from kvservice.v1.kv_pb2 import GetRequest, SetRequest
 from kvservice.v1.log_pb2 import LogEntry
 from tests.faults.logs import json_lines
 from tests.faults.proxy import FaultProxy
+from tests.faults.shim import shim_env
 from tests.integration import cluster as kv_cluster
 from tests.integration.conftest import ServerProcess, free_port, run_cli, wait_for
 
@@ -433,3 +434,56 @@ def _resyncs(primary: kv_cluster.Node, replica: kv_cluster.Node) -> tuple[float,
         kv_cluster.resyncs(primary, replica, "partial"),
         kv_cluster.resyncs(primary, replica, "full"),
     )
+
+
+@pytest.mark.parametrize("killed", ["before COMPLETE", "after COMPLETE"])
+def test_an_old_primary_killed_mid_rewind_comes_back_on_one_state_or_the_other(
+    make_server, tmp_path: Path, fault_shim: Path, killed: str
+) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL while the rewind stages (fsyncs in resync/ stalled) or once it is staged
+    (every fsync in the data dir stalled, killed as COMPLETE appears): the restarted node
+    discards the staging and rewinds again, or finishes the staged rewind at start-up;
+    either way it resumes by one partial resync, with its unshipped entries in
+    diverged/ once."""
+    p_dir, stall = tmp_path / "p", tmp_path / "stall-fsync"
+    before = killed == "before COMPLETE"
+    env = shim_env(fault_shim, p_dir, slow_fsync_trigger=stall,
+                   slow_fsync_ms=2000 if before else 700)  # fmt: skip
+    # Before: only the staging stalls. After: every fsync under the data dir, the
+    # directory's own included, so the switch is still under way when COMPLETE appears.
+    env["KVS_FAULT_PATH_PREFIX"] = f"{p_dir}/resync/" if before else str(p_dir)
+    primary = make_server(*FAST, data_dir=p_dir, env=env).start()
+    r1 = replica(make_server, tmp_path, "r1", primary.url)
+    for i in range(20):
+        set_(primary, f"k{i}", b"v", wait_replicas=1)
+    primary.kill()
+    assert run_cli("promote", "--url", r1.url).returncode == 0
+    for i in range(5):
+        set_(r1, f"after{i}", b"1")
+    old = make_server(*FAST, data_dir=p_dir, env=env, port=primary.port).start()
+    lost = [f"lost{i}" for i in range(3)]
+    for key in lost:
+        set_(old, key, b"!")
+
+    stall.touch()
+    assert run_cli("replicaof", "--url", old.url, "--primary", r1.url).returncode == 0
+    marker = p_dir / "resync" / ("rewound.snap.tmp" if before else "COMPLETE")
+    wait_for(f"the rewind stalled {killed}", marker.exists, timeout=60)
+    old.kill()
+    stall.unlink()
+    if before:
+        assert kv_cluster.stored(p_dir)[1] == 23  # the live files were not touched
+
+    old = make_server(*FAST, data_dir=p_dir, env=env, port=primary.port).start()
+    wait_for("old primary streaming from r1", streaming(r1, 1))
+    log = json_lines(old.log())
+    finished = [e for e in log if e["message"].startswith("finished installing a staged")]
+    rewinds = [e for e in log if e["message"].startswith("rewound to the fork point")]
+    assert (len(finished), len(rewinds)) == ((0, 1) if before else (1, 0))
+    [back] = status(r1).replicas
+    assert (back.partial_resyncs, back.full_resyncs) == (1, 0)
+    [diverged] = (p_dir / "diverged").iterdir()
+    keys = [LogEntry.FromString(p).key for _, p in record.scan(diverged.read_bytes(), "d")]
+    assert keys == lost
+    with AdminClientSync(r1.url) as a, AdminClientSync(old.url) as b:
+        assert a.digest(DigestRequest()) == b.digest(DigestRequest(min_revision=25))
