@@ -86,6 +86,10 @@ class Compacted(KVError):
         self.oldest = oldest
 
 
+class CannotRewind(KVError):
+    """A node's own files no longer reach back to the revision it must rewind to."""
+
+
 class FeedOverflow(KVError):
     """A commit feed subscriber fell too far behind; it resumes from the backlog."""
 

@@ -133,7 +133,8 @@ def build_replication(settings: Settings, node: Node, metrics: Metrics) -> Repli
     """The node's replication role (state from `<data-dir>/replication.json`)."""
 
     def rebuild(store: Store) -> None:
-        # After a full resync installed a snapshot: the log goes on in a new segment.
+        # After a full resync or a rewind installed a staged snapshot: the log goes on
+        # in a new segment.
         active = list_segments(data_dirs(settings.data_dir)[0])[-1]
         wal, feed, snapshotter = _storage(settings, store.revision, active, time.time(), metrics)
         node.swap_storage(store, wal, feed, snapshotter)
