@@ -282,6 +282,7 @@ class Node:
         if not self.store.is_expired(key, now_ms):
             return False
         self._log(ops.delete_entry(key, expired=True))
+        self.expired_total += 1
         self._sync_soon()  # durable even if the write that found it then fails
         return True
 

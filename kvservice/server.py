@@ -91,6 +91,7 @@ def build_node(settings: Settings, recovery: Recovery, metrics: Metrics) -> Node
             wal_segments=lambda: len(list_segments(wal_dir)),
             wal_dir=wal_dir,
             last_snapshot_unix=lambda: node.snapshotter.last_snapshot_unix,
+            expired_keys=lambda: node.expired_total,
         )
     )
     return node

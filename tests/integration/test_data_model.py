@@ -134,6 +134,8 @@ def test_expiry_under_write_load_is_on_time(server: ServerProcess) -> None:
             thread.join(10)
     # expiry_cycle_ms (100) + one wheel slot (100) + the poll; generous for a shared machine.
     assert lateness_ms < 1500, f"removed {lateness_ms:.0f} ms after expiry"
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    assert "kvservice_expired_keys_total 200.0" in metrics
     server.stop()
     expired = [e for e in wal_entries(server.data_dir) if e.expired]
     assert sorted(e.key for e in expired) == sorted(f"presence:{i}" for i in range(200))
