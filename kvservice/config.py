@@ -155,6 +155,11 @@ class Settings(BaseSettings):
         description="a Watch stream gets a progress message (the current revision) at least"
         " this often",
     )  # fmt: skip
+    watch_stall_seconds: float = Field(
+        10.0, ge=0.1, le=3600,
+        description="a Watch stream ended for being too slow whose client still reads nothing"
+        " is disconnected after this long",
+    )  # fmt: skip
 
     # --- Security (README "Security"): TLS, authentication, limits, hostile input ---
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve HTTPS")
@@ -248,7 +253,7 @@ class Settings(BaseSettings):
         "min_revision_max_wait_ms", "wait_replicas_max_wait_ms", "min_replicas",
         "min_replicas_max_lag_seconds", "watch_max_streams", "watch_buffer_events",
         "watch_buffer_bytes", "watch_batch_max_events", "watch_batch_max_bytes",
-        "watch_progress_seconds", mode="before",
+        "watch_progress_seconds", "watch_stall_seconds", mode="before",
     )  # fmt: skip
     @classmethod
     def _no_booleans_as_numbers(cls, value: object) -> object:

@@ -77,10 +77,10 @@ EVENT_OVERHEAD_BYTES = 24
 # A stream still reading the backlog joins live delivery once it is this few
 # revisions behind: the rest is read while live events queue (bounded).
 JOIN_SLACK_REVISIONS = 256
-# A stream ended while its client is not reading (blocked in a send) is cut
-# (its request task cancelled) after this long, so it cannot hold a slot, or
-# a graceful shutdown, forever.
-STUCK_CUT_SECONDS = 1.0
+# At shutdown, a stream whose client does not read its last messages is cut
+# (its request task cancelled) after this long rather than hold up the drain;
+# otherwise after watch_stall_seconds.
+SHUTDOWN_CUT_SECONDS = 1.0
 
 
 class UnsupportedValueEncoding(KVError):
@@ -234,8 +234,14 @@ class Watcher:
         self._events, self._bytes = events, size
         self._ready.set()
 
-    def end(self, reason: KVError, *, drop_pending: bool = False) -> None:
-        """End the stream once what is queued was sent (or at once: `drop_pending`)."""
+    def end(
+        self, reason: KVError, *, drop_pending: bool = False, cut_after: float | None = None
+    ) -> None:
+        """End the stream once what is queued was sent (or at once: `drop_pending`).
+
+        A client that reads nothing leaves the stream blocked in a send: its
+        request is cancelled (the connection closed) after `cut_after` seconds
+        (default watch_stall_seconds), so it cannot hold a slot forever."""
         if self._ended is not None:
             return
         self._ended = reason
@@ -245,7 +251,8 @@ class Watcher:
         self._ready.set()
         task = self.task
         if task is not None and not task.done():
-            asyncio.get_running_loop().call_later(STUCK_CUT_SECONDS, _cut_if_stuck, task, 3)
+            delay = self.limits.stall_seconds if cut_after is None else cut_after
+            asyncio.get_running_loop().call_later(delay, _cut_if_stuck, task, 3)
 
     async def take(self) -> list[Chunk]:
         """Wait for chunks and take every one queued; raise the end reason once drained."""
@@ -270,7 +277,7 @@ def _cut_if_stuck(task: asyncio.Task[object], tries: int) -> None:
     if task.done() or tries == 0:
         return
     task.cancel()
-    asyncio.get_running_loop().call_later(STUCK_CUT_SECONDS, _cut_if_stuck, task, tries - 1)
+    asyncio.get_running_loop().call_later(SHUTDOWN_CUT_SECONDS, _cut_if_stuck, task, tries - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +288,7 @@ class WatchLimits:
     batch_events: int
     batch_bytes: int
     progress_seconds: float
+    stall_seconds: float
     max_key_bytes: int
 
     @classmethod
@@ -292,6 +300,7 @@ class WatchLimits:
             batch_events=settings.watch_batch_max_events,
             batch_bytes=settings.watch_batch_max_bytes,
             progress_seconds=settings.watch_progress_seconds,
+            stall_seconds=settings.watch_stall_seconds,
             max_key_bytes=settings.max_key_bytes,
         )
 
@@ -396,7 +405,9 @@ class WatchHub:
         if self.closed:
             return
         self.closed = True
-        self._end_all(lambda w: ShuttingDown(w.interrupted(SHUTTING_DOWN)))
+        self._end_all(
+            lambda w: ShuttingDown(w.interrupted(SHUTTING_DOWN)), cut_after=SHUTDOWN_CUT_SECONDS
+        )
         self._unsubscribe()
 
     # -- one stream ---------------------------------------------------------------
@@ -536,10 +547,12 @@ class WatchHub:
             if self._subscription is subscription:
                 self._unsubscribe()
 
-    def _end_all(self, reason: Callable[[Watcher], KVError]) -> None:
+    def _end_all(
+        self, reason: Callable[[Watcher], KVError], cut_after: float | None = None
+    ) -> None:
         for watcher in list(self.targets.watchers()):
             self.targets.remove(watcher)
-            watcher.end(reason(watcher))
+            watcher.end(reason(watcher), cut_after=cut_after)
 
     async def _tick(self) -> None:
         """A progress mark for every live stream at least every watch_progress_seconds."""
