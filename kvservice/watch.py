@@ -214,7 +214,9 @@ class Watcher:
         self._events = 0
         self._bytes = 0
         self._ready = asyncio.Event()
-        self._ended: KVError | None = None
+        # Makes the error that ends the stream, from the last revision delivered
+        # (known only once the message in flight, if any, was sent).
+        self._ended: Callable[[int], KVError] | None = None
         self.task: asyncio.Task[object] | None = None
 
     def offer(self, chunk: Chunk) -> None:
@@ -228,14 +230,18 @@ class Watcher:
                 f" events or {self.limits.buffer_bytes} bytes were waiting (settings"
                 " watch_buffer_events, watch_buffer_bytes)"
             )
-            self.end(WatchTooSlow(self.delivered, why), drop_pending=True)
+            self.end(lambda last: WatchTooSlow(last, why), drop_pending=True)
             return
         self._pending.append(chunk)
         self._events, self._bytes = events, size
         self._ready.set()
 
     def end(
-        self, reason: KVError, *, drop_pending: bool = False, cut_after: float | None = None
+        self,
+        reason: Callable[[int], KVError],
+        *,
+        drop_pending: bool = False,
+        cut_after: float | None = None,
     ) -> None:
         """End the stream once what is queued was sent (or at once: `drop_pending`).
 
@@ -258,16 +264,13 @@ class Watcher:
         """Wait for chunks and take every one queued; raise the end reason once drained."""
         while not self._pending:
             if self._ended is not None:
-                raise self._ended
+                raise self._ended(self.delivered)
             self._ready.clear()
             await self._ready.wait()
         taken = list(self._pending)
         self._pending.clear()
         self._events = self._bytes = 0
         return taken
-
-    def interrupted(self, why: str) -> str:
-        return f"{why}; {resume_hint(self.delivered)}"
 
 
 def _cut_if_stuck(task: asyncio.Task[object], tries: int) -> None:
@@ -405,9 +408,7 @@ class WatchHub:
         if self.closed:
             return
         self.closed = True
-        self._end_all(
-            lambda w: ShuttingDown(w.interrupted(SHUTTING_DOWN)), cut_after=SHUTDOWN_CUT_SECONDS
-        )
+        self._end_all(shutting_down, cut_after=SHUTDOWN_CUT_SECONDS)
         self._unsubscribe()
 
     # -- one stream ---------------------------------------------------------------
@@ -482,9 +483,9 @@ class WatchHub:
 
     def _check_open(self, watcher: Watcher, feed: CommitFeed) -> None:
         if self.closed:
-            raise ShuttingDown(watcher.interrupted(SHUTTING_DOWN))
+            raise shutting_down(watcher.delivered)
         if self.node.feed is not feed:
-            raise StorageReplaced(watcher.interrupted(REPLACED))
+            raise storage_replaced(watcher.delivered)
 
     # -- the dispatcher -------------------------------------------------------------
 
@@ -534,25 +535,23 @@ class WatchHub:
             while True:
                 self._fan_out(await subscription.get(self.limits.batch_events))
         except FeedOverflow:
-            self._end_all(lambda w: WatchTooSlow(w.delivered, DISPATCHER_BEHIND))
+            self._end_all(lambda last: WatchTooSlow(last, DISPATCHER_BEHIND))
         except ShuttingDown:
             if self.node.feed is not self._feed:  # a full resync swapped the storage
-                self._end_all(lambda w: StorageReplaced(w.interrupted(REPLACED)))
+                self._end_all(storage_replaced)
             else:
-                self._end_all(lambda w: ShuttingDown(w.interrupted(SHUTTING_DOWN)))
+                self._end_all(shutting_down)
         except Exception:  # a bug: end the streams rather than leave them hanging
             log.exception("watch dispatcher failed")
-            self._end_all(lambda w: ShuttingDown(w.interrupted("internal error")))
+            self._end_all(lambda last: ShuttingDown(f"internal error; {resume_hint(last)}"))
         finally:
             if self._subscription is subscription:
                 self._unsubscribe()
 
-    def _end_all(
-        self, reason: Callable[[Watcher], KVError], cut_after: float | None = None
-    ) -> None:
+    def _end_all(self, reason: Callable[[int], KVError], cut_after: float | None = None) -> None:
         for watcher in list(self.targets.watchers()):
             self.targets.remove(watcher)
-            watcher.end(reason(watcher), cut_after=cut_after)
+            watcher.end(reason, cut_after=cut_after)
 
     async def _tick(self) -> None:
         """A progress mark for every live stream at least every watch_progress_seconds."""
@@ -600,9 +599,17 @@ class WatchHub:
 
 SHUTTING_DOWN = "the node is shutting down"
 DISPATCHER_BEHIND = "this node could not fan events out fast enough (its event loop is saturated)"
-REPLACED = (
-    "this replica's data was replaced by a full resync from its primary (its history may differ)"
-)
+
+
+def shutting_down(last_revision: int) -> ShuttingDown:
+    return ShuttingDown(f"{SHUTTING_DOWN}; {resume_hint(last_revision)}")
+
+
+def storage_replaced(last_revision: int) -> StorageReplaced:
+    return StorageReplaced(
+        "this replica's data was replaced by a full resync from its primary (its history"
+        f" may differ); {resume_hint(last_revision)}"
+    )
 
 
 def _backlog_messages(
