@@ -21,7 +21,7 @@ from kvservice.v1.kv_pb2 import DeleteRequest, Event, SetRequest, WatchRequest, 
 from tests.securitykit import AUDIENCE, ISSUER, JwtKeys
 
 from .cluster import Cluster
-from .conftest import ServerProcess
+from .conftest import ServerProcess, run_cli, wait_for
 from .watching import (
     RawStream,
     as_tuples,
@@ -283,6 +283,36 @@ def test_watch_on_a_replica_from_its_backlog_then_live(cluster: Cluster) -> None
     assert [(e.key, e.revision) for e in collector.events] == [
         (f"r:{i % 20}", revision) for i, revision in enumerate(before + after)
     ]
+
+
+def test_a_full_resync_on_a_replica_ends_its_streams_naming_where_to_resume(
+    cluster: Cluster,
+) -> None:
+    """The replica's store is replaced (replicaof --force onto another history): its
+    streams end with unavailable saying so, rather than mixing two histories."""
+    a, [replica] = cluster.primary_with_replicas(1)
+    b = cluster.add_primary("b")
+    with a.client() as kv:
+        for i in range(5):
+            kv.set(SetRequest(key=f"h:{i}", value=b"a"))
+    with b.client() as kv:
+        for i in range(30):
+            kv.set(SetRequest(key=f"h:{i}", value=b"b"))
+    wait_for("the replica to apply A's writes", lambda: replica.status().revision == 5)
+    collector = Collector(replica.server, WatchRequest(prefix="h:"))
+    assert collector.live.wait(10)
+    done = run_cli("replicaof", "--url", replica.url, "--primary", b.url, "--force")
+    assert done.returncode == 0, done.stderr
+    collector.thread.join(30)
+    error = collector.error
+    assert error is not None
+    assert error.code == Code.UNAVAILABLE
+    assert "replaced by a full resync" in error.message
+    assert "every change up to revision 5 was delivered" in error.message
+    # Watching the replica again works, on B's history.
+    wait_for("the replica to follow B", lambda: replica.status().revision == 30)
+    _, live_at = until_live(replica.server, WatchRequest(prefix="h:"))
+    assert live_at == 30
 
 
 def test_shutdown_ends_open_streams_promptly_naming_the_last_revision(
