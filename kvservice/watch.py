@@ -10,15 +10,15 @@ events in revision order.
 
 One dispatcher per node (`WatchHub`) subscribes to the commit feed once and
 fans each durable entry out to the watchers whose key or prefix matches.
-Why one dispatcher rather than a feed subscription per stream (measured with
-1,000 streams on one prefix, bench/results/watch.md): per-stream
-subscriptions make every stream decode, match and translate every entry for
-itself, 1,000 times the same work, and wake 1,000 tasks per group commit;
-the dispatcher translates each entry once, matches it against an index of
-distinct targets (not against every stream), builds one shared chunk of
-events per target, and hands each stream a reference to it. Streams that
-watch the same target with the same options share one group, so the cost per
-group commit is one list append per stream.
+Why not a feed subscription per stream: measured with 1,000 streams
+(bench/watch_fanout_micro.py, figures in bench/results/watch.md), that makes
+every stream wake, filter and translate every entry for itself: 3.8x the CPU
+per delivered event when all streams watch one prefix, and about 200x when
+each watches its own key (every stream pays for every write). The dispatcher
+translates each entry once, finds the matching targets through an index
+(exact keys; prefixes by length), not by asking every stream, builds one
+shared chunk of events per target, and hands each stream of that target a
+reference to it: one list append per stream per group commit.
 
 Under load, events batch up by themselves: a stream takes everything queued
 since its last message and sends it as one message (up to

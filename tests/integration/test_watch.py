@@ -172,6 +172,35 @@ def test_a_start_below_the_oldest_revision_held_is_out_of_range_naming_it(
     assert as_tuples(events) == expected_events(wal_entries(server.data_dir), oldest, prefix="a:")
 
 
+def test_a_stream_reading_the_backlog_keeps_the_segments_it_needs_from_snapshots(
+    make_server: MakeServer,
+) -> None:
+    """Snapshots purge the WAL behind them, but not the segments a stream still reads."""
+    server = make_server(
+        "--fsync", "no", "--wal-segment-bytes", str(1 << 20), "--repl-backlog-bytes", "4096",
+    ).start()  # fmt: skip
+    with server.client() as kv:
+        revisions = [kv.set(SetRequest(key=f"k:{i}", value=b"x" * 60_000)).revision
+                     for i in range(300)]  # fmt: skip
+    with raw_watch(server, WatchRequest(prefix="k:", start_revision=1)) as stream:
+        first = stream.next()  # the stream is now blocked mid-backlog: we do not read
+        assert first is not None
+        time.sleep(0.5)
+        with AdminClientSync(server.url) as admin:
+            admin.snapshot(SnapshotRequest())
+            with server.client() as kv:
+                kv.set(SetRequest(key="other", value=b"1"))
+            admin.snapshot(SnapshotRequest())
+        oldest = segment_revision(list_segments(data_dirs(server.data_dir)[0])[0])
+        assert oldest > first.events[-1].revision + 1  # segments were purged...
+        received = [e.revision for e in first.events]
+        while len(received) < len(revisions):
+            message = stream.next()
+            assert message is not None, stream.end  # ...but not those the stream needed
+            received.extend(e.revision for e in message.events)
+    assert received == revisions
+
+
 def test_a_slow_consumer_is_cut_naming_its_last_revision_and_resumes_without_gap(
     make_server: MakeServer,
 ) -> None:
