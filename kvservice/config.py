@@ -158,7 +158,7 @@ class Settings(BaseSettings):
     watch_stall_seconds: float = Field(
         10.0, ge=0.1, le=3600,
         description="a Watch stream ended for being too slow whose client still reads nothing"
-        " is disconnected after this long",
+        " is cancelled (its slot freed) after this long",
     )  # fmt: skip
 
     # --- Security (README "Security"): TLS, authentication, limits, hostile input ---

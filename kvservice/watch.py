@@ -78,8 +78,11 @@ EVENT_OVERHEAD_BYTES = 24
 # revisions behind: the rest is read while live events queue (bounded).
 JOIN_SLACK_REVISIONS = 256
 # At shutdown, a stream whose client does not read its last messages is cut
-# (its request task cancelled) after this long rather than hold up the drain;
-# otherwise after watch_stall_seconds.
+# (its request task cancelled) after this long; otherwise after
+# watch_stall_seconds. (uvicorn then closes the connection gracefully, which
+# waits for the client to read what is buffered: a client that reads nothing
+# at all keeps its TCP connection until shutdown_timeout_seconds, as any slow
+# HTTP client does. ASGI offers no abort.)
 SHUTDOWN_CUT_SECONDS = 1.0
 
 
@@ -246,8 +249,8 @@ class Watcher:
         """End the stream once what is queued was sent (or at once: `drop_pending`).
 
         A client that reads nothing leaves the stream blocked in a send: its
-        request is cancelled (the connection closed) after `cut_after` seconds
-        (default watch_stall_seconds), so it cannot hold a slot forever."""
+        request is cancelled after `cut_after` seconds (default
+        watch_stall_seconds), so it cannot hold a stream slot forever."""
         if self._ended is not None:
             return
         self._ended = reason
@@ -382,7 +385,7 @@ class WatchHub:
     def __init__(self, node: Node, settings: Settings) -> None:
         self.node = node
         self.limits = WatchLimits.of(settings)
-        self.streams = 0
+        self._open: set[Watcher] = set()  # every stream, live or still reading the backlog
         self.closed = False
         self.targets = Targets()
         self._feed: CommitFeed | None = None
@@ -410,6 +413,17 @@ class WatchHub:
         self.closed = True
         self._end_all(shutting_down, cut_after=SHUTDOWN_CUT_SECONDS)
         self._unsubscribe()
+        # Streams still reading the backlog stop at their next batch; one blocked
+        # sending to a client that reads nothing is cut like a live one.
+        for watcher in self._open:
+            if watcher.task is not None and watcher.joined_at < 0:
+                loop = asyncio.get_running_loop()
+                loop.call_later(SHUTDOWN_CUT_SECONDS, _cut_if_stuck, watcher.task, 3)
+
+    @property
+    def streams(self) -> int:
+        """Streams open now (live or reading the backlog)."""
+        return len(self._open)
 
     # -- one stream ---------------------------------------------------------------
 
@@ -423,10 +437,10 @@ class WatchHub:
                 f"{self.streams} watch streams are open; the limit is"
                 f" {self.limits.max_streams} (setting watch_max_streams)"
             )
-        self.streams += 1
         feed = self.node.feed
         watcher = Watcher(target, request.start_revision or self._live_position() + 1, self.limits)
         watcher.task = asyncio.current_task()
+        self._open.add(watcher)
         try:
             async with contextlib.aclosing(self._catch_up(watcher, feed)) as backlog:
                 async for response in backlog:
@@ -442,7 +456,7 @@ class WatchHub:
                     watcher.delivered = max(watcher.delivered, covered)
         finally:
             self._leave(watcher)
-            self.streams -= 1
+            self._open.discard(watcher)
 
     async def _catch_up(
         self, watcher: Watcher, feed: CommitFeed
