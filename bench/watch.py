@@ -2,6 +2,7 @@
 
     python -m bench.watch            # about 3 minutes: bench/results/watch.md
     python -m bench.watch --smoke    # seconds, 20 streams: bench/results/watch-smoke.md
+    python -m bench.run --only watch # the same from the harness
 
 1. The node's maximum Set rate: wrk, binary protobuf Sets of the benchmark's
    value size, 64 connections, fsync=always, no watcher open.
@@ -511,8 +512,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     plan = Plan.make(args.smoke)
+    run(plan, args.out or OUT / ("watch-smoke.md" if plan.smoke else "watch.md"))
+
+
+def run(plan: Plan, out: Path) -> Path:
+    """Both systems at both rates -> `out` (also `python -m bench.run --only watch`)."""
     started = datetime.now(UTC)
-    out = args.out or OUT / ("watch-smoke.md" if plan.smoke else "watch.md")
     with tempfile.TemporaryDirectory(prefix="bench-watch-") as tmp:
         work = Path(tmp)
         kv = start_kvservice(work, "kvservice", work / "kv-data")
@@ -533,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs = [run for pair in zip(kv_runs, redis_runs, strict=True) for run in pair]
     out.write_text(render(plan, max_rate, runs, started))
     log.info("wrote %s", out)
+    return out
 
 
 if __name__ == "__main__":
