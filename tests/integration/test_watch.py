@@ -242,7 +242,7 @@ def test_a_stalled_client_is_cut_and_frees_its_slot(make_server: MakeServer) -> 
         with server.client() as kv:
             for i in range(300):
                 kv.set(SetRequest(key=f"big:{i}", value=b"x" * 60_000))
-        time.sleep(2)  # the stall cut closes the connection meanwhile
+        time.sleep(4)  # the stall cut (0.5 s, then a second cancel 1 s later) meanwhile
         with pytest.raises(httpx.HTTPError):  # the stream breaks off: no end message
             _read_to_the_end(stream)
     _, live_at = until_live(server, WatchRequest(prefix="big:"))
