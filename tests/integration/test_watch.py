@@ -149,6 +149,24 @@ def test_live_events_during_concurrent_writes_arrive_exactly_once_in_order(
     assert [e.revision for e in late.events] == [r for r in sorted(written) if r >= seam_start]
 
 
+def test_a_quiet_stream_gets_progress_messages_with_the_current_revision(
+    make_server: MakeServer,
+) -> None:
+    """Nothing matches, yet every watch_progress_seconds a message says how fresh it is."""
+    server = make_server("--watch-progress-seconds", "0.2").start()
+    with raw_watch(server, {"prefix": "quiet:"}) as stream:
+        assert stream.next() == WatchResponse(progress_revision=0)
+        with server.client() as kv:
+            kv.set(SetRequest(key="elsewhere", value=b"1"))
+        while (message := stream.next()) != WatchResponse(progress_revision=1):
+            assert message == WatchResponse(progress_revision=0)  # a tick before the Set
+        started = time.monotonic()
+        progress = [stream.next() for _ in range(3)]
+        elapsed = time.monotonic() - started
+    assert progress == [WatchResponse(progress_revision=1)] * 3
+    assert elapsed < 2
+
+
 def test_a_start_below_the_oldest_revision_held_is_out_of_range_naming_it(
     make_server: MakeServer,
 ) -> None:
