@@ -126,7 +126,8 @@ def create_app(
     codec.install()
     max_body = settings.max_value_bytes * 4 // 3 + REQUEST_OVERHEAD_BYTES
     security = Security(settings, metrics.security)
-    watches = WatchHub(node, settings)
+    watches = WatchHub(node, settings, on_too_slow=metrics.watch_too_slow.inc)
+    metrics.watch_streams.set_function(lambda: watches.streams)
     kv = KVStoreASGIApplication(
         KVStoreService(node, replication, watches), read_max_bytes=max_body,
         compressions=[BoundedGzip(max_body)], interceptors=security.interceptors(),

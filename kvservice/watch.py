@@ -204,8 +204,15 @@ def progress_chunk(revision: int) -> Chunk:
 class Watcher:
     """One stream's queue of chunks, filled by the dispatcher, drained by its stream."""
 
-    def __init__(self, target: Target, first_revision: int, limits: WatchLimits) -> None:
+    def __init__(
+        self,
+        target: Target,
+        first_revision: int,
+        limits: WatchLimits,
+        on_too_slow: Callable[[], None] = lambda: None,
+    ) -> None:
         self.target = target
+        self.on_too_slow = on_too_slow
         # Revisions below this are not wanted (a start in the future).
         self.first_revision = first_revision
         self.limits = limits
@@ -234,6 +241,7 @@ class Watcher:
                 " watch_buffer_events, watch_buffer_bytes)"
             )
             self.end(lambda last: WatchTooSlow(last, why), drop_pending=True)
+            self.on_too_slow()
             return
         self._pending.append(chunk)
         self._events, self._bytes = events, size
@@ -382,9 +390,13 @@ class Targets:
 class WatchHub:
     """The node's watch streams and the one dispatcher that feeds them."""
 
-    def __init__(self, node: Node, settings: Settings) -> None:
+    def __init__(
+        self, node: Node, settings: Settings, on_too_slow: Callable[[], None] = lambda: None
+    ) -> None:
         self.node = node
         self.limits = WatchLimits.of(settings)
+        # Counted by the caller (a metric): a stream ended for its slow consumer.
+        self.on_too_slow = on_too_slow
         self._open: set[Watcher] = set()  # every stream, live or still reading the backlog
         self.closed = False
         self.targets = Targets()
@@ -438,7 +450,8 @@ class WatchHub:
                 f" {self.limits.max_streams} (setting watch_max_streams)"
             )
         feed = self.node.feed
-        watcher = Watcher(target, request.start_revision or self._live_position() + 1, self.limits)
+        first = request.start_revision or self._live_position() + 1
+        watcher = Watcher(target, first, self.limits, self.on_too_slow)
         watcher.task = asyncio.current_task()
         self._open.add(watcher)
         try:

@@ -246,6 +246,9 @@ def test_a_slow_consumer_is_cut_naming_its_last_revision_and_resumes_without_gap
     assert f"watch again from revision {last + 1}" in stream.error_message()
     events, _ = until_live(server, WatchRequest(prefix="big:", start_revision=last + 1))
     assert received + [e.revision for e in events] == revisions
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    assert "\nkvservice_watch_too_slow_total 1.0\n" in metrics
+    assert "\nkvservice_watch_streams " in metrics
 
 
 def test_a_stalled_client_is_cut_and_frees_its_slot(make_server: MakeServer) -> None:
