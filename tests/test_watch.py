@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
+from kvservice.config import Settings
 from kvservice.errors import InvalidArgument, WatchTooSlow
-from kvservice.v1.kv_pb2 import Event, WatchRequest
+from kvservice.feed import CommitFeed
+from kvservice.storage import record
+from kvservice.v1.kv_pb2 import Event, WatchRequest, WatchResponse
 from kvservice.v1.log_pb2 import LogEntry
 from kvservice.watch import (
     Chunk,
     Targets,
     UnsupportedValueEncoding,
     Watcher,
+    WatchHub,
     WatchLimits,
     _live_messages,
     event_bytes,
@@ -173,3 +178,43 @@ def test_a_full_buffer_ends_the_stream_naming_the_last_revision_delivered() -> N
     watcher.offer(_chunk(52))  # the 11th event: over buffer_events=10
     with pytest.raises(WatchTooSlow, match=r"up to revision 41 was delivered.*from revision 42"):
         asyncio.run(watcher.take())
+
+
+def test_the_dispatcher_keeps_a_batch_in_one_message_past_the_batch_limit() -> None:
+    """Live delivery through a real commit feed: a Txn's 3 events stay together even with
+    watch_batch_max_events=2, each with the batch's revision; keys_only drops values."""
+
+    async def run() -> tuple[list[WatchResponse], list[WatchResponse]]:
+        feed = CommitFeed(0)
+        settings = Settings.model_validate({"watch_batch_max_events": 2})
+        hub = WatchHub(SimpleNamespace(feed=feed), settings)  # type: ignore[arg-type]
+        full = hub.stream(WatchRequest(prefix="t:"))
+        keys = hub.stream(WatchRequest(prefix="t:", keys_only=True))
+        first = [await anext(full), await anext(keys)]
+        entries = [
+            LogEntry(revision=1, operation=LogEntry.OPERATION_BATCH, entries=[
+                LogEntry(operation=LogEntry.OPERATION_SET, key=f"t:{i}", value=b"v")
+                for i in range(3)
+            ]),
+            LogEntry(revision=2, operation=LogEntry.OPERATION_SET, key="other", value=b"v"),
+            LogEntry(revision=3, operation=LogEntry.OPERATION_DELETE, key="t:0", expired=True),
+        ]  # fmt: skip
+        for entry in entries:
+            feed.stage(entry, record.encode(entry.SerializeToString()))
+        feed.advance(3)
+        got = [await anext(full), await anext(full), await anext(keys)]
+        await full.aclose()
+        await keys.aclose()
+        return first, got
+
+    first, (batch, expire, keys_batch) = asyncio.run(run())
+    assert first == [WatchResponse(progress_revision=0)] * 2
+    assert [(e.key, e.value, e.revision) for e in batch.events] == [
+        ("t:0", b"v", 1), ("t:1", b"v", 1), ("t:2", b"v", 1),
+    ]  # fmt: skip
+    assert [(e.type, e.key, e.revision) for e in expire.events] == [(E.EVENT_TYPE_EXPIRE, "t:0", 3)]
+    assert [(e.key, e.value) for e in keys_batch.events] == [
+        ("t:0", b""),
+        ("t:1", b""),
+        ("t:2", b""),
+    ]
