@@ -101,7 +101,7 @@ class Plan:
     @classmethod
     def make(cls, smoke: bool) -> Plan:
         if smoke:
-            return cls(True, keys=20_000, chat_keys=5_000, rounds=1, seconds=1, warmup_seconds=0)
+            return cls(True, keys=10_000, chat_keys=2_000, rounds=1, seconds=1, warmup_seconds=0)
         return cls(False, keys=1_000_000, chat_keys=100_000, rounds=5, seconds=3,
                    warmup_seconds=1)  # fmt: skip
 
