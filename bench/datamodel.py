@@ -200,9 +200,9 @@ def ttl_memory(plan: Plan, work: Path, out: Results) -> None:
             "and per occupied 100-ms slot a list, a dict entry, an int and a heap entry "
             "(~170 B), which a key pays alone when expiries are spread thin.")  # fmt: skip
     out.add("")
-    for (label, _, slots), extra in zip(rows[1:], extras, strict=True):
-        out.figures[f"ttl_extra_{slots}"] = extra
-        log.info("%s: %+.1f B/key", label, extra)
+    for (label, _, slots), cost in zip(rows[1:], extras, strict=True):
+        out.figures[f"ttl_extra_{slots}"] = cost
+        log.info("%s: %+.1f B/key", label, cost)
     if len(redis) == 2:
         out.figures["redis_ttl_extra"] = redis[1][1] - redis[0][1]
 
