@@ -1,6 +1,6 @@
 """Data-model benchmarks (issue 10), side by side in one run on this machine.
 
-    python -m bench.datamodel              # full run (about 6 minutes)
+    python -m bench.datamodel              # full run (about 5 minutes)
     python -m bench.datamodel --smoke      # seconds, tiny counts
     python -m bench.run --only datamodel   # the same, from the harness
 
@@ -47,7 +47,7 @@ from google.protobuf.message import Message
 from bench import chat, dataset, memory, peers
 from bench.load import LoadResult, http_generator
 from bench.procs import http_post
-from bench.replication import Results
+from bench.replication import Results as _Results
 from bench.servers import REPO, Server, start_kvservice
 from bench.stats import TIMES
 from bench.throughput import (
@@ -72,6 +72,16 @@ from kvservice.v1.kv_pb2 import (
 )
 
 log = logging.getLogger("bench.datamodel")
+
+
+class Results(_Results):
+    """replication.Results (the file's lines and figures), logging as bench.datamodel."""
+
+    def add(self, line: str = "") -> None:
+        log.info(line)
+        self.lines.append(line)
+
+
 OUT = REPO / "bench" / "results"
 HOUR_MS = 3_600_000
 # Expiries start this far ahead, so none is due while a server is measured.

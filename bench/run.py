@@ -4,7 +4,7 @@
     python -m bench.run --smoke    # seconds, tiny counts: bench/results/smoke.md
     python -m bench.run --only snapshot,gc   # bench/results/snapshot-gc.md (opt-in cases)
     python -m bench.run --only replication   # bench/results/replication.md alone (~4 min)
-    python -m bench.run --only datamodel     # bench/results/datamodel.md alone (~6 min)
+    python -m bench.run --only datamodel     # bench/results/datamodel.md alone (~5 min)
     python -m bench.run --only snapshot --compare-repo ../after   # before/after side by side
     python -m bench.run --only kv-get,kv-set-json-always,kv-set-proto-always \
         --kvservice-repo ../before --compare-repo ../after        # hot path before/after
@@ -55,7 +55,7 @@ DEFAULT_OUT = REPO / "bench" / "results"
 # Cases with a results file of their own, run when --only names them: snapshot and gc
 # (snapshot-gc.md; not in the full run, they add minutes), and replication
 # (bench/replication.py -> replication.md; about 4 minutes, also in the full run), and
-# datamodel (bench/datamodel.py -> datamodel.md; about 6 minutes, not in the full run).
+# datamodel (bench/datamodel.py -> datamodel.md; about 5 minutes, not in the full run).
 OPT_IN = ("snapshot", "gc", "replication", "datamodel")
 
 
