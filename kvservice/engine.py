@@ -57,9 +57,16 @@ TOUCH: Final = LogEntry.OPERATION_TOUCH
 BATCH: Final = LogEntry.OPERATION_BATCH
 ENCODING_ZSTD: Final = LogEntry.VALUE_ENCODING_ZSTD
 
-# The expiry wheel's slot width. The cycle looks at slots wholly in the past,
-# so a key is removed at most this much (plus one cycle) after its time.
+# The expiry wheel's finest slot: a key is removed at most this much (plus one
+# cycle) after its time.
 SLOT_MS: Final = 100
+# Slot widths by how far off an expiry is when the key is filed. Each level
+# spans 100 of its slots (10 s of 100 ms slots, 1,000 s of 10 s slots, ...);
+# a coarse slot is refiled into finer ones when it comes due. So the wheel has a
+# few hundred slots however widely expiries spread, and a key costs one list
+# reference: a slot per expiry time would cost ~170 B a key when they are sparse.
+LEVEL_WIDTHS_MS: Final = (SLOT_MS, 100 * SLOT_MS, 10_000 * SLOT_MS, 1_000_000 * SLOT_MS)
+SLOTS_PER_LEVEL: Final = 100
 
 Clock = Callable[[], int]
 
@@ -137,38 +144,54 @@ def digest_of(items: Iterable[tuple[str, bytes]]) -> int:
 
 
 class ExpiryWheel:
-    """Keys with an expiry, in slots of SLOT_MS by expiry time.
+    """Keys with an expiry, filed in slots by expiry time (a hierarchical timing wheel).
 
-    A slot is a list of keys (8 bytes a key, the str shared with the dict).
-    Entries are never removed when a key is rewritten or touched: the cycle
-    checks each key's current expiry when it reaches the slot, so a stale
-    entry costs one lookup, once.
+    Entries are not removed when a key is rewritten or touched: when a slot comes
+    due, each key's current expiry decides — later than the slot (it was filed
+    again elsewhere): dropped; its 100 ms slot over: due; else refiled finer.
     """
 
     def __init__(self) -> None:
-        self.slots: dict[int, list[str]] = {}
-        self._order: list[int] = []  # heap of slot numbers
+        self.slots: dict[tuple[int, int], list[str]] = {}
+        self._order: list[tuple[int, int, int]] = []  # heap of (due ms, width, index)
 
-    def add(self, key: str, expires_at_ms: int) -> None:
-        slot = expires_at_ms // SLOT_MS
-        keys = self.slots.get(slot)
+    def add(self, key: str, expires_at_ms: int, now_ms: int) -> None:
+        ahead = expires_at_ms - now_ms
+        width = LEVEL_WIDTHS_MS[-1]
+        for level_width in LEVEL_WIDTHS_MS:
+            if ahead < level_width * SLOTS_PER_LEVEL:
+                width = level_width
+                break
+        index = expires_at_ms // width
+        keys = self.slots.get((width, index))
         if keys is None:
-            self.slots[slot] = [key]
-            heapq.heappush(self._order, slot)
+            self.slots[width, index] = [key]
+            # A finest slot is due once it is over; a coarse one when it begins.
+            due = (index + 1) * width if width == SLOT_MS else index * width
+            heapq.heappush(self._order, (due, width, index))
         else:
             keys.append(key)
 
-    def due(self, now_ms: int, limit: int) -> Iterator[str]:
-        """Keys of the slots wholly before `now_ms`, at most `limit` (the rest stay
-        for the next cycle). The caller checks each key's current expiry."""
+    def due(self, now_ms: int, limit: int, expiry: Callable[[str], int]) -> Iterator[str]:
+        """Keys whose expiry's 100 ms slot is over by `now_ms`, at most `limit` (the rest
+        wait for the next cycle). `expiry(key)` is the key's current expiry (0: none)."""
         order, slots = self._order, self.slots
-        while order and (order[0] + 1) * SLOT_MS <= now_ms and limit > 0:
-            keys = slots[order[0]]
+        while order and order[0][0] <= now_ms and limit > 0:
+            _, width, index = order[0]
+            keys = slots[width, index]
             while keys and limit > 0:
-                limit -= 1
-                yield keys.pop()
+                key = keys.pop()
+                expires = expiry(key)
+                if not expires or expires // width > index:
+                    continue  # gone, or filed again for a later time
+                if (expires // SLOT_MS + 1) * SLOT_MS <= now_ms:
+                    limit -= 1
+                    yield key
+                else:
+                    self.add(key, expires, now_ms)  # a finer slot (never this one)
             if not keys:
-                del slots[heapq.heappop(order)]
+                heapq.heappop(order)
+                del slots[width, index]
 
     def __len__(self) -> int:
         return sum(len(keys) for keys in self.slots.values())
@@ -203,6 +226,11 @@ class Store:
         """Return (value, revision of last change) of a live key, else None."""
         item = self.item(key)
         return None if item is None else (item.value, item.revision)
+
+    def expiry_at(self, key: str) -> int:
+        """The key's expiry as stored (0: absent or none), expired or not."""
+        stored = self.data.get(key)
+        return 0 if stored is None else expiry_of(stored)
 
     def is_expired(self, key: str, now_ms: int | None = None) -> bool:
         """Whether `key` is present but its expiry has passed (awaiting removal)."""
@@ -259,7 +287,7 @@ class Store:
         old = self.data.get(key)
         self.data[key] = stored
         if entry.expires_at_ms:
-            self.expiry.add(key, entry.expires_at_ms)
+            self.expiry.add(key, entry.expires_at_ms, self.clock())
         change = _term(key_bytes, stored)
         return change if old is None else change ^ _term(key_bytes, old)
 
@@ -269,6 +297,7 @@ class Store:
         self.revision = revision
         self.digest = digest_of(data.items()) if digest is None else digest
         self.expiry = ExpiryWheel()
+        now = self.clock()
         for key, stored in data.items():
             if stored[0] & 0x80:
-                self.expiry.add(key, expiry_of(stored))
+                self.expiry.add(key, expiry_of(stored), now)

@@ -308,14 +308,12 @@ class Node:
         store = self.store
         removed = 0
         primary = self.role == "primary" and not self.closed and self.wal.failure is None
-        for key in store.expiry.due(now, limit):
-            if not store.is_expired(key, now):
-                continue  # gone, rewritten or touched since: a stale wheel entry
+        for key in store.expiry.due(now, limit, store.expiry_at):
             if primary:
                 self._log(ops.delete_entry(key, expired=True))
                 removed += 1
             else:
-                store.expiry.add(key, now + SLOT_MS)
+                store.expiry.add(key, now + SLOT_MS, now)  # look again next slot
         if removed:
             self._wake_readers()
             self.expired_total += removed
