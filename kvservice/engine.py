@@ -25,6 +25,7 @@ from typing import Final
 from xxhash import xxh3_64_intdigest
 
 from kvservice.errors import RevisionGap
+from kvservice.keyindex import KeyIndex
 from kvservice.v1.log_pb2 import LogEntry
 
 REVISION: Final = struct.Struct(">Q")
@@ -58,6 +59,7 @@ class Store:
         self.data: dict[str, bytes] = {}
         self.revision = 0
         self.digest = 0
+        self.key_index = KeyIndex()  # sorted keys, for Scan
 
     def __len__(self) -> int:
         return len(self.data)
@@ -91,9 +93,12 @@ class Store:
             stored = REVISION.pack(revision) + entry.value
             old = self.data.get(key)
             self.data[key] = stored
+            if old is None:
+                self.key_index.add(key)
             change = _term(key_bytes, stored)
         elif entry.operation == DELETE:
             old = self.data.pop(key, None)
+            self.key_index.discard(key)
             change = 0
         else:
             raise ValueError(f"unknown log operation {entry.operation} at revision {revision}")
@@ -105,5 +110,6 @@ class Store:
     def load(self, data: dict[str, bytes], revision: int, digest: int | None = None) -> None:
         """Take over a snapshot's dict (key -> revision-prefixed value) and digest."""
         self.data = data
+        self.key_index.rebuild(data)
         self.revision = revision
         self.digest = digest_of(data.items()) if digest is None else digest

@@ -37,6 +37,7 @@ from kvservice.errors import (
 )
 from kvservice.node import Node
 from kvservice.replication.manager import ReplicationManager
+from kvservice.scan import ScanLimits, read_page
 from kvservice.storage.backup import backup_stream
 from kvservice.v1.admin_pb2 import (
     BackupRequest,
@@ -62,6 +63,8 @@ from kvservice.v1.kv_pb2 import (
     DeleteResponse,
     GetRequest,
     GetResponse,
+    ScanRequest,
+    ScanResponse,
     SetRequest,
     SetResponse,
 )
@@ -270,6 +273,9 @@ class KVStoreService:
         self.replication = replication
         self.max_wait = replication.settings.min_revision_max_wait_ms / 1000
         self.max_replica_wait = replication.settings.wait_replicas_max_wait_ms / 1000
+        self.scan_limits = ScanLimits(
+            replication.settings.scan_max_bytes, node.limits.max_key_bytes
+        )
 
     @connect_errors
     async def get(self, request: GetRequest, ctx: RequestContext[Any, Any]) -> GetResponse:
@@ -326,7 +332,14 @@ class KVStoreService:
     async def _not_yet(self, request: Any, ctx: RequestContext[Any, Any]) -> Any:
         raise ConnectError(Code.UNIMPLEMENTED, f"{ctx.method().name} is not implemented yet")
 
-    touch = increment = m_get = txn = scan = _not_yet
+    touch = increment = m_get = txn = _not_yet
+
+    @connect_errors
+    async def scan(self, request: ScanRequest, ctx: RequestContext[Any, Any]) -> ScanResponse:
+        if request.min_revision > self.node.store.revision:
+            await self._wait_for(request.min_revision, ctx)
+        # No await from here on: the whole page is read at one revision.
+        return read_page(self.node.store, request, self.scan_limits)
 
     async def watch(self, request: Any, ctx: RequestContext[Any, Any]) -> AsyncIterator[Any]:
         raise ConnectError(Code.UNIMPLEMENTED, "Watch is not implemented yet")
