@@ -15,7 +15,7 @@ from typing import Final
 
 from kvservice.engine import Store
 from kvservice.errors import InvalidArgument
-from kvservice.v1.kv_pb2 import KeyValue, ScanRequest, ScanResponse
+from kvservice.v1.kv_pb2 import ScanRequest, ScanResponse
 
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
@@ -50,7 +50,8 @@ def read_page(store: Store, request: ScanRequest, limits: ScanLimits) -> ScanRes
         if len(items) == limit or (items and used + size > limits.max_bytes):
             page.next_start_after = last_key  # a key is left over: not the last page
             break
-        items.append(KeyValue(key=key, value=value, revision=revision))
+        # add() builds the item in place; append(KeyValue(...)) would build it twice.
+        items.add(key=key, value=value, revision=revision)
         used += size
         last_key = key
     return page
