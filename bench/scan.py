@@ -6,8 +6,8 @@
 Both servers recover the same data dir (the bench's 1M keys, dataset.py), then:
 - memory per key: RSS of a loaded node minus an empty one, each checkout;
 - restart time to /readyz 200 with the keys in sorted insertion order (as
-  dataset.py writes them) and shuffled (the index then pays a full sort), plus a
-  100k-record WAL tail;
+  dataset.py writes them) and shuffled, plus a 100k-record WAL tail; then the
+  time of the first Scan (which builds the index) and of the second;
 - Set throughput and server CPU per request, alternating rounds: Sets that create
   keys at random places of the order (the only Sets that touch the index) and
   Sets that overwrite one key;
@@ -180,10 +180,20 @@ def measure_restarts(
             name = f"{side}-restart-{loaded.name}-{n}"
             server = start_kvservice(work, name, copy_dir(loaded, work / name), repo=repo)
             found.setdefault(side, []).append(time.monotonic() - server.child.started_at)
+            if side == "index":  # the first Scan builds the index; the second one reads it
+                found.setdefault("index first Scan", []).append(timed_scan(server))
+                found.setdefault("index second Scan", []).append(timed_scan(server))
             server.stop()
             recovered = recovery.recovered_seconds(server.child.log_path)
             found.setdefault(f"{side} recovered (log)", []).append(recovered or 0.0)
     return found
+
+
+def timed_scan(server: Server) -> float:
+    body = json.dumps({"prefix": "user:", "startAfter": dataset.key(500), "limit": 100})
+    started = time.monotonic()
+    http_post(server.url(KV_PATH + "Scan"), body.encode(), CONNECT_JSON, timeout=120)
+    return time.monotonic() - started
 
 
 def alternate(repos: dict[str, Path], n: int) -> list[tuple[str, Path]]:

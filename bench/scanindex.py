@@ -5,7 +5,7 @@
 For a store of `--keys` keys of the bench's shape it reports, per candidate:
 - the cost of `Store.apply` for a Set that creates a key and for one that
   overwrites, against the engine of `--base-ref` (no index), loaded from git,
-  in alternating rounds;
+  in rotating rounds, with the index not built yet (no Scan so far) and built;
 - the candidates' own insert cost and what a Scan then pays;
 - the time to build the index from the keys (recovery, snapshot install), in
   sorted and in shuffled insertion order;
@@ -90,15 +90,23 @@ def measure_apply(args: argparse.Namespace) -> dict[str, list[float]]:
     for n in range(args.rounds):
         created = new_keys(args.ops, seed=n)
         overwritten = random.Random(n).sample(list(data), args.ops)
-        sides = [("base", base.Store), ("index", engine.Store)]
-        for side, factory in sides if n % 2 == 0 else reversed(sides):
+        sides = [("base", base.Store, False), ("unbuilt", engine.Store, False)]
+        sides.append(("built", engine.Store, True))
+        for side, factory, build in sides[n % 3 :] + sides[: n % 3]:
             store = factory()
             store.load(dict(data), args.keys, 0)
+            if build:
+                first_key(store.key_index)
             found.setdefault(f"{side} create", []).append(apply_micros(store, created))
             found.setdefault(f"{side} overwrite", []).append(apply_micros(store, overwritten))
             del store
             gc.collect()
     return found
+
+
+def first_key(index: KeyIndex) -> str | None:
+    """Ask for one key: builds the index if it is not built yet."""
+    return next(index.keys_from(""), None)
 
 
 def timed(action: Callable[[], object], repeat: int = 1) -> float:
@@ -136,7 +144,7 @@ def measure_candidates(args: argparse.Namespace) -> dict[str, float]:
     for order in ("sorted", "shuffled"):
         source = sorted(keys) if order == "sorted" else keys
         out[f"build from {order} keys s"] = statistics.median(
-            timed(lambda source=source: KeyIndex(source)) for _ in range(3)
+            timed(lambda source=source: first_key(KeyIndex(source))) for _ in range(3)
         )
     return out
 
@@ -145,6 +153,7 @@ def measure_page(args: argparse.Namespace) -> dict[str, float]:
     """µs to read one 100-key page of a store of `--keys` keys, values and keys only."""
     store = engine.Store()
     store.load(snapshot_data(args.keys, "shuffled"), args.keys, 0)
+    first_key(store.key_index)
     limits = ScanLimits(max_bytes=4 << 20, max_key_bytes=1024)
     rng = random.Random(7)
     starts = [dataset.key(rng.randrange(args.keys)) for _ in range(2000)]
@@ -173,6 +182,7 @@ def _memory_child(keys: int, order: str) -> None:
     gc.collect()
     before = rss_bytes(os.getpid())
     index = KeyIndex(data)
+    first_key(index)
     gc.collect()
     grown = rss_bytes(os.getpid()) - before
     print(json.dumps({"keys": len(index), "per_key": grown / keys}))
@@ -184,8 +194,9 @@ def report(args: argparse.Namespace) -> dict[str, object]:
     return {
         "apply µs (median of rounds)": medians,
         "apply µs (every round)": applied,
-        "index / base, create": medians["index create"] / medians["base create"],
-        "index / base, overwrite": medians["index overwrite"] / medians["base overwrite"],
+        "built / base, create": medians["built create"] / medians["base create"],
+        "built / base, overwrite": medians["built overwrite"] / medians["base overwrite"],
+        "unbuilt / base, create": medians["unbuilt create"] / medians["base create"],
         "candidates": measure_candidates(args),
         "page": measure_page(args),
         "index bytes per key": {

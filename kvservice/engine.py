@@ -59,7 +59,7 @@ class Store:
         self.data: dict[str, bytes] = {}
         self.revision = 0
         self.digest = 0
-        self.key_index = KeyIndex()  # sorted keys, for Scan
+        self.key_index = KeyIndex(self.data)  # sorted keys, for Scan (built on the first)
 
     def __len__(self) -> int:
         return len(self.data)
