@@ -160,6 +160,9 @@ def measure_memory(work: Path, repos: dict[str, Path], loaded: Path, keys: int) 
         full = start_kvservice(work, f"{side}-loaded", data_dir, repo=repo)
         try:
             per_key[side] = (settled_rss(full) - empty_rss) / keys
+            if side == "index":
+                timed_scan(full)  # builds the index
+                per_key["index, built"] = (settled_rss(full) - empty_rss) / keys
         finally:
             full.stop()
     return per_key
@@ -268,6 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             for side, repo in repos.items():
                 data_dir = copy_dir(shuffled_dir, work / f"{side}-load")
                 servers[side] = start_kvservice(work, f"{side}-load", data_dir, repo=repo)
+            timed_scan(servers["index"])  # build the index: every round measures it built
             found = measure_load(work, servers, args)
         finally:
             for server in servers.values():
