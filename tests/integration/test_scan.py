@@ -17,6 +17,7 @@ from kvservice.v1.kv_connect import KVStoreClientSync
 from kvservice.v1.kv_pb2 import ScanRequest, ScanResponse, SetRequest
 from tests.integration.cluster import Cluster, wait_streaming
 from tests.integration.conftest import ServerProcess
+from tests.integration.test_buf_curl import buf_curl
 from tests.securitykit import AUDIENCE, ISSUER, JwtKeys, write_tokens
 
 pytestmark = pytest.mark.integration
@@ -97,6 +98,19 @@ def test_scan_works_as_an_http_get(node: ServerProcess) -> None:
     reply = httpx.get(f"{node.url}{SCAN}?encoding=json&message={message}", timeout=10)
     assert reply.status_code == 200, reply.text
     assert [item["key"] for item in reply.json()["items"]] == ["room:1:name", "room:1:topic"]
+
+
+def test_buf_curl_scans(node: ServerProcess) -> None:
+    """The operator's tool reads the schema from proto/ and prints a page."""
+    done = buf_curl(f"{node.url}{SCAN}", '{"prefix":"room:1:","keysOnly":true}')
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "revision": "8",
+        "items": [
+            {"key": "room:1:name", "revision": "6"},
+            {"key": "room:1:topic", "revision": "5"},
+        ],
+    }
 
 
 @pytest.mark.parametrize(
