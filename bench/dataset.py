@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from kvservice.engine import REVISION, SET
+from kvservice.engine import HEADER, SET
 from kvservice.storage import record
 from kvservice.storage.segments import segment_name
 from kvservice.storage.snapshot import write_snapshot
@@ -66,7 +66,7 @@ def build_snapshot_dir(data_dir: Path, keys: int) -> int:
     snap_dir = data_dir / "snap"
     snap_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "wal").mkdir(exist_ok=True)
-    data = {key(i): REVISION.pack(i + 1) + value(i) for i in range(keys)}
+    data = {key(i): HEADER.pack(i + 1) + value(i) for i in range(keys)}
     write_snapshot(snap_dir, data, keys)
     return keys
 

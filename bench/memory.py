@@ -25,7 +25,7 @@ from bench.peers import redis_info, start_redis
 from bench.procs import BenchError, http_post, peak_rss_bytes, rss_bytes, run_measured
 from bench.servers import REPO, Server, start_kvservice
 from bench.throughput import CONNECT_JSON, KV_PATH
-from kvservice.engine import REVISION
+from kvservice.engine import HEADER
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def measure_redis(work: Path, keys: int) -> tuple[RedisMemory, Server]:
 
 def _floor_main(keys: int) -> None:
     before = rss_bytes(os.getpid())
-    data = {dataset.key(i): REVISION.pack(i + 1) + dataset.value(i) for i in range(keys)}
+    data = {dataset.key(i): HEADER.pack(i + 1) + dataset.value(i) for i in range(keys)}
     grown = rss_bytes(os.getpid()) - before
     print(json.dumps({"keys": len(data), "per_key": grown / keys}))
 

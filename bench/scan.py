@@ -37,7 +37,7 @@ from bench.load import CpuWindow, HttpLoad, wrk_argv
 from bench.procs import BenchError, http_post, rss_bytes, run_measured
 from bench.servers import REPO, Server, kvservice_origin, start_kvservice
 from bench.throughput import CONNECT_JSON, KV_PATH
-from kvservice.engine import REVISION
+from kvservice.engine import pack
 from kvservice.storage.snapshot import write_snapshot
 
 TAG = "SCAN_BENCH"
@@ -137,7 +137,7 @@ def build_data_dir(data_dir: Path, keys: int, order: str, wal_records: int) -> N
         random.Random(1).shuffle(ids)
     (data_dir / "wal").mkdir(parents=True)
     (data_dir / "snap").mkdir()
-    data = {dataset.key(i): REVISION.pack(i + 1) + dataset.value(i) for i in ids}
+    data = {dataset.key(i): pack(i + 1, dataset.value(i)) for i in ids}
     write_snapshot(data_dir / "snap", data, keys)
     dataset.write_wal_tail(data_dir, keys, wal_records, keys)
 

@@ -57,7 +57,7 @@ def snapshot_data(keys: int, order: str) -> dict[str, bytes]:
     ids = list(range(keys))
     if order == "shuffled":
         random.Random(1).shuffle(ids)
-    return {dataset.key(i): engine.REVISION.pack(i + 1) + dataset.value(i) for i in ids}
+    return {dataset.key(i): engine.pack(i + 1, dataset.value(i)) for i in ids}
 
 
 def new_keys(count: int, seed: int) -> list[str]:

@@ -31,6 +31,7 @@ LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 LogFormat = Literal["json", "text"]
 Role = Literal["primary", "replica"]
 AuthMode = Literal["none", "token"]
+Compression = Literal["none", "zstd"]
 
 
 class ConfigError(Exception):
@@ -53,6 +54,24 @@ class Settings(BaseSettings):
     )
     max_key_bytes: int = Field(1 * KiB, ge=1, le=64 * KiB, description="largest key, UTF-8 bytes")
     max_value_bytes: int = Field(1 * MiB, ge=0, le=64 * MiB, description="largest value, bytes")
+    max_batch_ops: int = Field(
+        1000, ge=1, le=100_000,
+        description="most conditions + operations in one Txn, and keys in one MGet",
+    )  # fmt: skip
+    expiry_cycle_ms: int = Field(
+        100, ge=10, le=10_000,
+        description="how often the primary removes keys whose TTL has passed",
+    )  # fmt: skip
+    expiry_keys_per_cycle: int = Field(
+        1000, ge=1, le=1_000_000,
+        description="most expired keys removed per cycle (bounds the work of one cycle)",
+    )  # fmt: skip
+    compression: Compression = Field(
+        "none", description="store values of compression_min_bytes or more as zstd frames"
+    )
+    compression_min_bytes: int = Field(
+        512, ge=1, le=64 * MiB, description="smallest value that compression applies to"
+    )
     wal_segment_bytes: int = Field(
         64 * MiB, ge=4 * KiB, description="rotate the WAL segment after this many bytes"
     )
@@ -219,7 +238,8 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "port", "max_key_bytes", "max_value_bytes", "wal_segment_bytes",
+        "port", "max_key_bytes", "max_value_bytes", "wal_segment_bytes", "max_batch_ops",
+        "expiry_cycle_ms", "expiry_keys_per_cycle", "compression_min_bytes",
         "snapshot_threshold_bytes", "wal_retention_max_bytes", "shutdown_timeout_seconds",
         "repl_batch_max_entries", "repl_batch_max_bytes", "repl_backlog_bytes",
         "repl_heartbeat_seconds", "repl_retry_max_seconds", "replica_max_lag_seconds",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from kvservice.engine import REVISION, pair_hash
+from kvservice.engine import pair_hash, revision_of
 
 MAX_BUCKETS = 65536
 
@@ -33,5 +33,5 @@ def bucket_digests(data: dict[str, bytes], buckets: int, listed: set[int]) -> Bu
         term = pair_hash(key, stored)
         out.digests[bucket] ^= term
         if bucket in listed:
-            out.keys.append((key, REVISION.unpack_from(stored)[0], term, bucket))
+            out.keys.append((key, revision_of(stored), term, bucket))
     return out

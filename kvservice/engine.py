@@ -1,36 +1,121 @@
 """The in-memory store: one dict, one global revision, and `apply(LogEntry)`.
 
-Memory layout: each value is kept as a single `bytes` object holding the
-8-byte big-endian revision of the key's last change followed by the value.
+Memory layout: each value is kept as a single `bytes` object, "stored bytes":
+
+    header   8 bytes, big-endian: bits 0-61 the revision of the key's last
+             change; bit 63 set = an expiry follows; bit 62 set = the value
+             is a zstd frame (setting `compression`)
+    expiry   8 bytes, big-endian Unix ms -- only when bit 63 is set
+    value    the rest
+
 One object per key instead of a (value, revision) tuple saves about 90 bytes
-per key, which is most of the gap to Redis (see README, "Memory").
+per key, which is most of the gap to Redis (see README, "Memory"); a key with
+an expiry costs 8 bytes more here plus one list slot in the expiry wheel.
+Keys without flags (the common case) read with one comparison. Snapshots hold
+stored bytes as they are, so they keep expiries and compression too.
 
 The digest is an order-independent fingerprint of the whole state: the XOR
-of a 64-bit XXH3 hash of each key with its stored bytes (revision and value).
-XXH3 rather than a cryptographic hash: it guards against damage, not an
-adversary, and costs ~0.2 µs a call where BLAKE2b costs ~1.7 µs (measured
+of a 64-bit XXH3 hash of each key with its stored bytes (revision, expiry and
+value). XXH3 rather than a cryptographic hash: it guards against damage, not
+an adversary, and costs ~0.2 µs a call where BLAKE2b costs ~1.7 µs (measured
 here), which keeps the digest a small share of a Set. A write changes it in
 O(1) (XOR out the old pair, XOR in the new), so two nodes at the same
 revision hold the same state exactly when their digests agree (up to a 2^-64
 chance). Replication compares it between primary and replica; snapshots store
 it so loading one needs no pass over the keys.
+
+Expiry: `apply` never looks at the clock, so every node that applies the same
+entries holds the same state. Reads (`item`) hide keys whose expiry has passed
+by the store's clock; only a primary removes them, by committing DELETE
+entries marked `expired` (node.py's expiry cycle finds them in the wheel).
 """
 
 from __future__ import annotations
 
+import heapq
 import struct
-from collections.abc import Iterable
-from typing import Final
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final, NamedTuple
 
 from xxhash import xxh3_64_intdigest
 
+from kvservice import values
 from kvservice.errors import RevisionGap
 from kvservice.keyindex import KeyIndex
 from kvservice.v1.log_pb2 import LogEntry
 
-REVISION: Final = struct.Struct(">Q")
+HEADER: Final = struct.Struct(">Q")
+HEADER_AND_EXPIRY: Final = struct.Struct(">QQ")
+HAS_EXPIRY: Final = 1 << 63
+ZSTD: Final = 1 << 62
+FLAGS: Final = HAS_EXPIRY | ZSTD
+REVISION_BITS: Final = ZSTD - 1
+
 SET: Final = LogEntry.OPERATION_SET
 DELETE: Final = LogEntry.OPERATION_DELETE
+TOUCH: Final = LogEntry.OPERATION_TOUCH
+BATCH: Final = LogEntry.OPERATION_BATCH
+ENCODING_ZSTD: Final = LogEntry.VALUE_ENCODING_ZSTD
+
+# The expiry wheel's slot width. The cycle looks at slots wholly in the past,
+# so a key is removed at most this much (plus one cycle) after its time.
+SLOT_MS: Final = 100
+
+Clock = Callable[[], int]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Item(NamedTuple):
+    """One live key as clients see it (value decompressed)."""
+
+    value: bytes
+    revision: int
+    expires_at_ms: int  # 0 = never
+
+
+def pack(revision: int, value: bytes, expires_at_ms: int = 0, zstd: bool = False) -> bytes:
+    """Stored bytes for a key (see the module docstring)."""
+    header = revision | (ZSTD if zstd else 0)
+    if expires_at_ms:
+        return HEADER_AND_EXPIRY.pack(header | HAS_EXPIRY, expires_at_ms) + value
+    return HEADER.pack(header) + value
+
+
+def revision_of(stored: bytes) -> int:
+    header: int = HEADER.unpack_from(stored)[0]
+    return header & REVISION_BITS
+
+
+def expiry_of(stored: bytes) -> int:
+    """The key's expiry (Unix ms), 0 = never."""
+    if stored[0] & 0x80:
+        expires: int = HEADER_AND_EXPIRY.unpack_from(stored)[1]
+        return expires
+    return 0
+
+
+def unpack(stored: bytes) -> Item:
+    """The client's view of stored bytes (no expiry check)."""
+    header: int = HEADER.unpack_from(stored)[0]
+    if header < ZSTD:  # no flags: the common case
+        return Item(stored[8:], header, 0)
+    start, expires = 8, 0
+    if header & HAS_EXPIRY:
+        expires = HEADER_AND_EXPIRY.unpack_from(stored)[1]
+        start = 16
+    value = stored[start:]
+    if header & ZSTD:
+        value = values.decompress(value)
+    return Item(value, header & REVISION_BITS, expires)
+
+
+def stored_value(stored: bytes) -> tuple[bytes, bool]:
+    """The value as stored (maybe compressed) and whether it is a zstd frame."""
+    return stored[16 if stored[0] & 0x80 else 8 :], bool(stored[0] & 0x40)
 
 
 def pair_hash(key: str, stored: bytes) -> int:
@@ -52,27 +137,84 @@ def digest_of(items: Iterable[tuple[str, bytes]]) -> int:
     return digest
 
 
+class ExpiryWheel:
+    """Keys with an expiry, in slots of SLOT_MS by expiry time.
+
+    A slot is a list of keys (8 bytes a key, the str shared with the dict).
+    Entries are never removed when a key is rewritten or touched: the cycle
+    checks each key's current expiry when it reaches the slot, so a stale
+    entry costs one lookup, once.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[int, list[str]] = {}
+        self._order: list[int] = []  # heap of slot numbers
+
+    def add(self, key: str, expires_at_ms: int) -> None:
+        slot = expires_at_ms // SLOT_MS
+        keys = self.slots.get(slot)
+        if keys is None:
+            self.slots[slot] = [key]
+            heapq.heappush(self._order, slot)
+        else:
+            keys.append(key)
+
+    def due(self, now_ms: int, limit: int) -> Iterator[str]:
+        """Keys of the slots wholly before `now_ms`, at most `limit` (the rest stay
+        for the next cycle). The caller checks each key's current expiry."""
+        order, slots = self._order, self.slots
+        while order and (order[0] + 1) * SLOT_MS <= now_ms and limit > 0:
+            keys = slots[order[0]]
+            while keys and limit > 0:
+                limit -= 1
+                yield keys.pop()
+            if not keys:
+                del slots[heapq.heappop(order)]
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys in self.slots.values())
+
+
 class Store:
     """Keys, values and revisions; knows nothing about disks or the network."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = wall_clock_ms) -> None:
         self.data: dict[str, bytes] = {}
         self.revision = 0
         self.digest = 0
+        self.clock = clock
+        self.expiry = ExpiryWheel()
         self.key_index = KeyIndex(self.data)  # sorted keys, for Scan (built on the first)
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def get(self, key: str) -> tuple[bytes, int] | None:
-        """Return (value, revision of last change) or None when the key is absent."""
+    def item(self, key: str) -> Item | None:
+        """The live key: None when absent or when its expiry has passed."""
         stored = self.data.get(key)
         if stored is None:
             return None
-        return stored[8:], REVISION.unpack_from(stored)[0]
+        if stored[0] < 0x40:  # no flags: the common case
+            return Item(stored[8:], HEADER.unpack_from(stored)[0], 0)
+        item = unpack(stored)
+        if item.expires_at_ms and item.expires_at_ms <= self.clock():
+            return None
+        return item
+
+    def get(self, key: str) -> tuple[bytes, int] | None:
+        """Return (value, revision of last change) of a live key, else None."""
+        item = self.item(key)
+        return None if item is None else (item.value, item.revision)
+
+    def is_expired(self, key: str, now_ms: int | None = None) -> bool:
+        """Whether `key` is present but its expiry has passed (awaiting removal)."""
+        stored = self.data.get(key)
+        if stored is None or not stored[0] & 0x80:
+            return False
+        return expiry_of(stored) <= (self.clock() if now_ms is None else now_ms)
 
     def __contains__(self, key: str) -> bool:
-        return key in self.data
+        return self.item(key) is not None
 
     def next_set(self, key: str, value: bytes) -> LogEntry:
         """Build the log entry that would set `key` (does not apply it)."""
@@ -87,29 +229,52 @@ class Store:
         revision = entry.revision
         if revision != self.revision + 1:
             raise RevisionGap(f"expected revision {self.revision + 1}, got {revision}")
-        key = entry.key
-        key_bytes = key.encode()
-        if entry.operation == SET:
-            stored = REVISION.pack(revision) + entry.value
-            old = self.data.get(key)
-            self.data[key] = stored
-            if old is None:
-                self.key_index.add(key)
-            change = _term(key_bytes, stored)
-        elif entry.operation == DELETE:
-            old = self.data.pop(key, None)
-            self.key_index.discard(key)
+        if entry.operation == BATCH:
             change = 0
+            for nested in entry.entries:
+                change ^= self._change(nested, revision)
         else:
-            raise ValueError(f"unknown log operation {entry.operation} at revision {revision}")
-        if old is not None:
-            change ^= _term(key_bytes, old)
+            change = self._change(entry, revision)
         self.digest ^= change
         self.revision = revision
 
+    def _change(self, entry: LogEntry, revision: int) -> int:
+        """Apply one SET/DELETE/TOUCH at `revision`; return its digest change."""
+        key = entry.key
+        operation = entry.operation
+        if operation == SET:
+            stored = pack(
+                revision, entry.value, entry.expires_at_ms, entry.value_encoding == ENCODING_ZSTD
+            )
+        elif operation == DELETE:
+            old = self.data.pop(key, None)
+            self.key_index.discard(key)
+            return 0 if old is None else _term(key.encode(), old)
+        elif operation == TOUCH:
+            before = self.data.get(key)
+            if before is None:
+                raise ValueError(f"TOUCH of missing key {key!r} at revision {revision}")
+            value, zstd = stored_value(before)
+            stored = pack(revision, value, entry.expires_at_ms, zstd)
+        else:
+            raise ValueError(f"unknown log operation {operation} at revision {revision}")
+        key_bytes = key.encode()
+        old = self.data.get(key)
+        self.data[key] = stored
+        if old is None:
+            self.key_index.add(key)
+        if entry.expires_at_ms:
+            self.expiry.add(key, entry.expires_at_ms)
+        change = _term(key_bytes, stored)
+        return change if old is None else change ^ _term(key_bytes, old)
+
     def load(self, data: dict[str, bytes], revision: int, digest: int | None = None) -> None:
-        """Take over a snapshot's dict (key -> revision-prefixed value) and digest."""
+        """Take over a snapshot's dict (key -> stored bytes) and digest."""
         self.data = data
         self.key_index.rebuild(data)
         self.revision = revision
         self.digest = digest_of(data.items()) if digest is None else digest
+        self.expiry = ExpiryWheel()
+        for key, stored in data.items():
+            if stored[0] & 0x80:
+                self.expiry.add(key, expiry_of(stored))

@@ -19,6 +19,18 @@ class ResourceExhausted(KVError):
     """A configured limit was reached; retrying the same request will not help."""
 
 
+class ConditionFailed(KVError):
+    """Compare-and-set: the key's revision is not the one the request named."""
+
+
+class KeyNotFound(KVError):
+    """The operation needs the key to exist (Touch)."""
+
+
+class NotACounter(KVError):
+    """Increment of a value that is not a decimal int64, or a result that overflows."""
+
+
 class WalFailed(KVError):
     """The WAL refused a write or fsync, or its flusher died: the node is read-only now."""
 
@@ -72,6 +84,10 @@ class Compacted(KVError):
         )
         self.after = after
         self.oldest = oldest
+
+
+class CannotRewind(KVError):
+    """A node's own files no longer reach back to the revision it must rewind to."""
 
 
 class FeedOverflow(KVError):

@@ -69,6 +69,7 @@ class NodeGauges:
     wal_segments: Callable[[], int]
     wal_dir: Path
     last_snapshot_unix: Callable[[], float | None]
+    expired_keys: Callable[[], int] = lambda: 0
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,22 @@ class Metrics:
         self.snapshot_age.set_function(
             lambda: time.time() - (node.last_snapshot_unix() or self.started)
         )
+        self.registry.register(ExpiryStats(node.expired_keys))
+
+
+class ExpiryStats(Collector):
+    """Keys the expiry cycle removed (a counter read at scrape time)."""
+
+    def __init__(self, expired: Callable[[], int]) -> None:
+        self.expired = expired
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "kvservice_expired_keys",
+            "Keys removed because their TTL passed (by this node as primary)",
+        )
+        family.add_metric([], self.expired())
+        yield family
 
 
 class RpcStats(Collector):

@@ -19,6 +19,7 @@ metrics, snapshots' mechanics or the network.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from kvservice.engine import Store
+from kvservice import ops
+from kvservice.engine import BATCH, SLOT_MS, Item, Store
 from kvservice.errors import (
-    InvalidArgument,
     NotPrimary,
     ReplicationRefused,
     RevisionGap,
@@ -37,35 +38,20 @@ from kvservice.errors import (
     WalFailed,
 )
 from kvservice.feed import CommitFeed
+from kvservice.ops import Limits
 from kvservice.snapshots import SnapshotInfo, Snapshotter
 from kvservice.storage import record
 from kvservice.storage.wal import Wal
+from kvservice.v1.kv_pb2 import Condition, GetResponse, Op, OpResult
 from kvservice.v1.log_pb2 import LogEntry
 
 log = logging.getLogger("kvservice.node")
 
 
 @dataclass(frozen=True)
-class Limits:
-    max_key_bytes: int
-    max_value_bytes: int
-
-    def check_key(self, key: str) -> None:
-        if not key:
-            raise InvalidArgument("key must not be empty")
-        # A str of n characters is at most 4n UTF-8 bytes: encode only when it matters.
-        if len(key) * 4 > self.max_key_bytes and len(key.encode()) > self.max_key_bytes:
-            raise InvalidArgument(
-                f"key is {len(key.encode())} bytes; the limit is {self.max_key_bytes}"
-                " (setting max_key_bytes)"
-            )
-
-    def check_value(self, value: bytes) -> None:
-        if len(value) > self.max_value_bytes:
-            raise InvalidArgument(
-                f"value is {len(value)} bytes; the limit is {self.max_value_bytes}"
-                " (setting max_value_bytes)"
-            )
+class ExpirySettings:
+    cycle_ms: int = 100
+    keys_per_cycle: int = 1000
 
 
 class Node:
@@ -78,6 +64,8 @@ class Node:
         feed: CommitFeed,
         snapshotter: Snapshotter,
         limits: Limits,
+        *,
+        expiry: ExpirySettings | None = None,
     ) -> None:
         self.store = store
         self.wal = wal
@@ -95,17 +83,26 @@ class Node:
         # Readers waiting for a revision (min_revision): (revision, seq, future).
         self._revision_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_seq = itertools.count()
+        self.expiry = expiry or ExpirySettings()
+        self._expiry_task: asyncio.Task[None] | None = None
+        self.expired_total = 0
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------
 
     def start(self) -> None:
         self.wal.start()
+        self._expiry_task = asyncio.get_running_loop().create_task(self._expire_forever())
 
     async def close(self) -> None:
         """Stop background work, make the WAL durable and close it (graceful shutdown)."""
         if self.closed:
             return
         self.closed = True
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
         await self.snapshotter.close()
         await self.wal.close()
         self.feed.close()
@@ -116,6 +113,8 @@ class Node:
         if self.closed:
             return
         self.closed = True
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
         self.snapshotter.close_sync()
         self.wal.close_sync()
 
@@ -137,34 +136,130 @@ class Node:
         self.limits.check_key(key)
         return self.store.get(key)
 
-    async def set(self, key: str, value: bytes) -> int:
+    def item(self, key: str) -> Item | None:
+        """The live key (hidden once its expiry has passed, on every node)."""
+        self.limits.check_key(key)
+        return self.store.item(key)
+
+    def mget(self, keys: list[str]) -> tuple[int, list[GetResponse]]:
+        """Many keys read in one step, so all at one revision."""
+        self.limits.check_batch(len(keys), "keys")
+        for key in keys:
+            self.limits.check_key(key)
+        items = [self.store.item(key) for key in keys]
+        found = [
+            GetResponse()
+            if item is None
+            else GetResponse(
+                found=True,
+                value=item.value,
+                revision=item.revision,
+                expires_at_ms=item.expires_at_ms,
+            )
+            for item in items
+        ]
+        return self.store.revision, found
+
+    async def set(
+        self, key: str, value: bytes, ttl_ms: int = 0, if_revision: int | None = None
+    ) -> int:
         self.limits.check_key(key)
         self.limits.check_value(value)
-        return await self._commit(self.store.next_set(key, value))
+        expires = ops.expires_at(0, ttl_ms)  # range check before any state is read
+        self._check_writable()
+        now = self.store.clock()
+        self._expire_due(key, now)
+        ops.check_revision(self.store, key, if_revision)
+        if expires:
+            expires = ops.expires_at(now, ttl_ms)
+        return await self._commit(ops.set_entry(key, value, expires, self.limits))
 
-    async def delete(self, key: str) -> tuple[bool, int]:
+    async def delete(self, key: str, if_revision: int | None = None) -> tuple[bool, int]:
         self.limits.check_key(key)
-        if key not in self.store:
-            # Nothing changes, so nothing is logged (as etcd's DeleteRange).
-            if self.wal.failure is not None:
+        self._check_writable()
+        expired = self._expire_due(key, self.store.clock())
+        item = ops.check_revision(self.store, key, if_revision)
+        if item is None:
+            # Nothing changes, so nothing more is logged (as etcd's DeleteRange).
+            if expired:
+                await self.wal.sync()
+            elif self.wal.failure is not None:
                 raise WalFailed(self.wal.failure)
             return False, self.store.revision
-        return True, await self._commit(self.store.next_delete(key))
+        return True, await self._commit(ops.delete_entry(key))
+
+    async def touch(self, key: str, ttl_ms: int, if_revision: int | None = None) -> tuple[int, int]:
+        """Set or clear a key's expiry: (revision, expires_at_ms)."""
+        self.limits.check_key(key)
+        ops.expires_at(0, ttl_ms)
+        self._check_writable()
+        now = self.store.clock()
+        self._expire_due(key, now)
+        ops.check_revision(self.store, key, if_revision)
+        entry = ops.touch_entry(self.store, key, ttl_ms, now)
+        return await self._commit(entry), entry.expires_at_ms
+
+    async def increment(self, key: str, delta: int, ttl_ms: int = 0) -> tuple[int, int]:
+        """Add to a decimal counter: (new value, revision)."""
+        self.limits.check_key(key)
+        ops.expires_at(0, ttl_ms)
+        self._check_writable()
+        now = self.store.clock()
+        self._expire_due(key, now)
+        entry, value = ops.increment_entry(
+            self.store, key, delta, ttl_ms, now_ms=now, limits=self.limits
+        )
+        return value, await self._commit(entry)
+
+    async def txn(
+        self, conditions: list[Condition], success: list[Op], failure: list[Op]
+    ) -> tuple[bool, int, list[OpResult]]:
+        """Check conditions and apply one branch under one revision, as one record."""
+        ops.validate_txn(conditions, success, failure, self.limits)
+        self._check_writable()
+        now = self.store.clock()
+        keys = {c.key for c in conditions}
+        for op in (*success, *failure):
+            keys.add(getattr(op, str(op.WhichOneof("op"))).key)
+        expired = sum(self._expire_due(key, now) for key in sorted(keys))
+        plan = ops.plan_txn(
+            self.store, conditions, success, failure, now_ms=now, limits=self.limits
+        )
+        if plan.entries:
+            batch = LogEntry(operation=BATCH, entries=plan.entries)
+            revision = await self._commit(batch)
+        else:
+            if expired:
+                await self.wal.sync()
+            elif self.wal.failure is not None:
+                raise WalFailed(self.wal.failure)
+            revision = self.store.revision
+        ops.stamp_results(plan.results, revision)
+        return plan.succeeded, revision, plan.results
 
     async def snapshot(self) -> SnapshotInfo:
         return await self.snapshotter.snapshot()
 
-    async def _commit(self, entry: LogEntry) -> int:
+    def _check_writable(self) -> None:
         if self.role != "primary":
             if self.role == "fenced":
                 raise NotPrimary(self.primary_url, "this node was fenced by a newer primary")
             raise NotPrimary(self.primary_url)
         if self.closed:
             raise ShuttingDown("the node is shutting down")
-        self._append(entry, record.encode(entry.SerializeToString()))
+
+    async def _commit(self, entry: LogEntry) -> int:
+        """Log and apply one entry of a client write and wait until it is durable."""
+        self._check_writable()
+        self._log(entry)
         self._wake_readers()
         await self.wal.sync()
         return entry.revision
+
+    def _log(self, entry: LogEntry) -> None:
+        """Number an entry with the next revision, then log and apply it."""
+        entry.revision = self.store.revision + 1
+        self._append(entry, record.encode(entry.SerializeToString()))
 
     def _append(self, entry: LogEntry, data: bytes) -> None:
         """Log and apply one entry (no await: log, feed and memory order stay one)."""
@@ -177,6 +272,68 @@ class Node:
         self.store.apply(entry)
         committed.digest = self.store.digest  # before any consumer runs
         self.snapshotter.maybe_start()
+
+    # -- expiry -----------------------------------------------------------------
+
+    def _expire_due(self, key: str, now_ms: int) -> bool:
+        """Before a write reads `key`: if its expiry has passed, commit its removal
+        first (a DELETE marked expired), so watchers and replicas see the expiry
+        before what follows. Returns whether it did; the caller's sync covers it."""
+        if not self.store.is_expired(key, now_ms):
+            return False
+        self._log(ops.delete_entry(key, expired=True))
+        self.expired_total += 1
+        self._sync_soon()  # durable even if the write that found it then fails
+        return True
+
+    def _sync_soon(self) -> None:
+        """Make entries that no client waits for (expiry removals) durable, without
+        waiting here: group commit only flushes for a waiter."""
+        task = asyncio.get_running_loop().create_task(self.wal.sync())
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled():
+            task.exception()  # a failed WAL is reported by the write path and readiness
+
+    def expire_cycle(self, limit: int) -> int:
+        """One round of active expiry (primary only): remove up to `limit` keys whose
+        expiry has passed. Returns how many were removed; await `wal.sync()` after.
+
+        A replica keeps an expired key until its primary's DELETE arrives; it only
+        drops the wheel's stale entries and looks again at due keys next cycle."""
+        now = self.store.clock()
+        store = self.store
+        removed = 0
+        primary = self.role == "primary" and not self.closed and self.wal.failure is None
+        for key in store.expiry.due(now, limit):
+            if not store.is_expired(key, now):
+                continue  # gone, rewritten or touched since: a stale wheel entry
+            if primary:
+                self._log(ops.delete_entry(key, expired=True))
+                removed += 1
+            else:
+                store.expiry.add(key, now + SLOT_MS)
+        if removed:
+            self._wake_readers()
+            self.expired_total += removed
+        return removed
+
+    async def _expire_forever(self) -> None:
+        """The active expiry cycle: bounded work every expiry_cycle_ms, so a burst of
+        expiring keys is spread over cycles instead of stalling the loop."""
+        interval = self.expiry.cycle_ms / 1000
+        while not self.closed:
+            await asyncio.sleep(interval)
+            try:
+                if self.expire_cycle(self.expiry.keys_per_cycle):
+                    self._sync_soon()
+            except (WalFailed, ShuttingDown):
+                continue  # the write path reports these; expiry resumes if it can
+            except Exception:
+                log.exception("expiry cycle failed; retrying next cycle")
 
     # -- replication ------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from kvservice.engine import Store
+from kvservice.engine import Item, Store
 from kvservice.errors import InvalidArgument
 from kvservice.v1.kv_pb2 import ScanRequest, ScanResponse
 
@@ -40,10 +40,10 @@ def read_page(store: Store, request: ScanRequest, limits: ScanLimits) -> ScanRes
     used = 0
     last_key = ""
     for key in store.key_index.keys_from(request.prefix, request.start_after):
-        found = _read_item(store, key)
-        if found is None:
-            continue
-        value, revision = found
+        item = _read_item(store, key)
+        if item is None:
+            continue  # expired, awaiting its DELETE: hidden as from Get
+        value = item.value
         if request.keys_only:
             value = b""
         size = len(key.encode()) + len(value) + ITEM_OVERHEAD_BYTES
@@ -51,19 +51,17 @@ def read_page(store: Store, request: ScanRequest, limits: ScanLimits) -> ScanRes
             page.next_start_after = last_key  # a key is left over: not the last page
             break
         # add() builds the item in place; append(KeyValue(...)) would build it twice.
-        items.add(key=key, value=value, revision=revision)
+        items.add(key=key, value=value, revision=item.revision, expires_at_ms=item.expires_at_ms)
         used += size
         last_key = key
     return page
 
 
-def _read_item(store: Store, key: str) -> tuple[bytes, int] | None:
-    """The value and revision of one listed key: the one read of the store per item.
-
-    (When the store offers `item(key)` hiding expired keys, this becomes that
-    call, and KeyValue gains `expires_at_ms`.)
-    """
-    return store.get(key)
+def _read_item(store: Store, key: str) -> Item | None:
+    """The one read of the store per listed key: value (decompressed), revision and
+    expiry, or None when the key's expiry has passed (the index still lists it until
+    the primary's expiry cycle commits its DELETE)."""
+    return store.item(key)
 
 
 def page_limit(requested: int) -> int:

@@ -18,7 +18,8 @@ from kvservice.config import Settings
 from kvservice.engine import Store
 from kvservice.feed import CommitFeed
 from kvservice.metrics import Metrics, NodeGauges, ReplicationGauges
-from kvservice.node import Limits, Node
+from kvservice.node import ExpirySettings, Node
+from kvservice.ops import Limits
 from kvservice.peers import peer_access
 from kvservice.replication.manager import ReplicationManager
 from kvservice.replication.state import load_state
@@ -71,7 +72,11 @@ def build_node(settings: Settings, recovery: Recovery, metrics: Metrics) -> Node
     )  # fmt: skip
     node = Node(
         recovery.store, wal, feed, snapshotter,
-        Limits(settings.max_key_bytes, settings.max_value_bytes),
+        Limits(
+            settings.max_key_bytes, settings.max_value_bytes, settings.max_batch_ops,
+            settings.compression_min_bytes if settings.compression == "zstd" else None,
+        ),
+        expiry=ExpirySettings(settings.expiry_cycle_ms, settings.expiry_keys_per_cycle),
     )  # fmt: skip
     metrics.observe_recovery(recovery)
     wal_dir, _ = data_dirs(settings.data_dir)
@@ -86,6 +91,7 @@ def build_node(settings: Settings, recovery: Recovery, metrics: Metrics) -> Node
             wal_segments=lambda: len(list_segments(wal_dir)),
             wal_dir=wal_dir,
             last_snapshot_unix=lambda: node.snapshotter.last_snapshot_unix,
+            expired_keys=lambda: node.expired_total,
         )
     )
     return node
@@ -128,7 +134,8 @@ def build_replication(settings: Settings, node: Node, metrics: Metrics) -> Repli
     """The node's replication role (state from `<data-dir>/replication.json`)."""
 
     def rebuild(store: Store) -> None:
-        # After a full resync installed a snapshot: the log goes on in a new segment.
+        # After a full resync or a rewind installed a staged snapshot: the log goes on
+        # in a new segment.
         active = list_segments(data_dirs(settings.data_dir)[0])[-1]
         wal, feed, snapshotter = _storage(settings, store.revision, active, time.time(), metrics)
         node.swap_storage(store, wal, feed, snapshotter)

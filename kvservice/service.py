@@ -19,9 +19,12 @@ from connectrpc.request import RequestContext
 from kvservice.digests import MAX_BUCKETS, bucket_digests
 from kvservice.errors import (
     Compacted,
+    ConditionFailed,
     FeedOverflow,
     InvalidArgument,
+    KeyNotFound,
     KVError,
+    NotACounter,
     NotEnoughReplicas,
     NotLinked,
     NotPrimary,
@@ -63,10 +66,18 @@ from kvservice.v1.kv_pb2 import (
     DeleteResponse,
     GetRequest,
     GetResponse,
+    IncrementRequest,
+    IncrementResponse,
+    MGetRequest,
+    MGetResponse,
     ScanRequest,
     ScanResponse,
     SetRequest,
     SetResponse,
+    TouchRequest,
+    TouchResponse,
+    TxnRequest,
+    TxnResponse,
 )
 
 log = logging.getLogger("kvservice.service")
@@ -77,6 +88,9 @@ Handler = Callable[[S, Req, RequestContext[Any, Any]], Coroutine[Any, Any, R]]
 # The one map from domain errors to Connect codes (first match wins).
 CODES: dict[type[KVError], Code] = {
     InvalidArgument: Code.INVALID_ARGUMENT,
+    ConditionFailed: Code.ABORTED,
+    KeyNotFound: Code.NOT_FOUND,
+    NotACounter: Code.FAILED_PRECONDITION,
     ResourceExhausted: Code.RESOURCE_EXHAUSTED,
     FeedOverflow: Code.RESOURCE_EXHAUSTED,
     Compacted: Code.OUT_OF_RANGE,
@@ -281,11 +295,24 @@ class KVStoreService:
     async def get(self, request: GetRequest, ctx: RequestContext[Any, Any]) -> GetResponse:
         if request.min_revision > self.node.store.revision:
             await self._wait_for(request.min_revision, ctx)
-        found = self.node.get(request.key)
-        if found is None:
+        item = self.node.item(request.key)
+        if item is None:
             return GetResponse()
-        value, revision = found
-        return GetResponse(found=True, value=value, revision=revision)
+        if item.expires_at_ms:
+            return GetResponse(
+                found=True,
+                value=item.value,
+                revision=item.revision,
+                expires_at_ms=item.expires_at_ms,
+            )
+        return GetResponse(found=True, value=item.value, revision=item.revision)
+
+    @connect_errors
+    async def m_get(self, request: MGetRequest, ctx: RequestContext[Any, Any]) -> MGetResponse:
+        if request.min_revision > self.node.store.revision:
+            await self._wait_for(request.min_revision, ctx)
+        revision, items = self.node.mget(list(request.keys))
+        return MGetResponse(revision=revision, items=items)
 
     async def _wait_for(self, revision: int, ctx: RequestContext[Any, Any]) -> None:
         """Read-your-writes: wait until applied, within the deadline; never a stale answer."""
@@ -303,17 +330,55 @@ class KVStoreService:
     @connect_errors
     async def set(self, request: SetRequest, ctx: RequestContext[Any, Any]) -> SetResponse:
         self.replication.check_writable()
-        revision = await self.node.set(request.key, request.value)
+        revision = await self.node.set(
+            request.key,
+            request.value,
+            request.ttl_ms,
+            request.if_revision if request.HasField("if_revision") else None,
+        )
         await self._replicated(revision, request.wait_replicas, ctx)
         return SetResponse(revision=revision)
 
     @connect_errors
     async def delete(self, request: DeleteRequest, ctx: RequestContext[Any, Any]) -> DeleteResponse:
         self.replication.check_writable()
-        deleted, revision = await self.node.delete(request.key)
+        deleted, revision = await self.node.delete(
+            request.key, request.if_revision if request.HasField("if_revision") else None
+        )
         if deleted:
             await self._replicated(revision, request.wait_replicas, ctx)
         return DeleteResponse(deleted=deleted, revision=revision)
+
+    @connect_errors
+    async def touch(self, request: TouchRequest, ctx: RequestContext[Any, Any]) -> TouchResponse:
+        self.replication.check_writable()
+        revision, expires = await self.node.touch(
+            request.key,
+            request.ttl_ms,
+            request.if_revision if request.HasField("if_revision") else None,
+        )
+        await self._replicated(revision, request.wait_replicas, ctx)
+        return TouchResponse(revision=revision, expires_at_ms=expires)
+
+    @connect_errors
+    async def increment(
+        self, request: IncrementRequest, ctx: RequestContext[Any, Any]
+    ) -> IncrementResponse:
+        self.replication.check_writable()
+        value, revision = await self.node.increment(request.key, request.delta, request.ttl_ms)
+        await self._replicated(revision, request.wait_replicas, ctx)
+        return IncrementResponse(value=value, revision=revision)
+
+    @connect_errors
+    async def txn(self, request: TxnRequest, ctx: RequestContext[Any, Any]) -> TxnResponse:
+        self.replication.check_writable()
+        before = self.node.store.revision
+        succeeded, revision, results = await self.node.txn(
+            list(request.conditions), list(request.success), list(request.failure)
+        )
+        if revision != before:
+            await self._replicated(revision, request.wait_replicas, ctx)
+        return TxnResponse(succeeded=succeeded, revision=revision, results=results)
 
     async def _replicated(self, revision: int, wanted: int, ctx: RequestContext[Any, Any]) -> None:
         """wait_replicas: hold the answer until that many replicas made it durable."""
@@ -326,13 +391,6 @@ class KVStoreService:
                 f"the write is committed at revision {revision} on the primary, but only {got}"
                 f" of the {wanted} replicas asked for acknowledged it within {wait * 1000:.0f} ms"
             )
-
-    # Declared in kv.proto, being built (issue 10): until then they answer
-    # `unimplemented`, as an undeclared method would.
-    async def _not_yet(self, request: Any, ctx: RequestContext[Any, Any]) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, f"{ctx.method().name} is not implemented yet")
-
-    touch = increment = m_get = txn = _not_yet
 
     @connect_errors
     async def scan(self, request: ScanRequest, ctx: RequestContext[Any, Any]) -> ScanResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,24 @@ def open_node(data_dir: Path, **overrides: Any) -> Node:
 class LoopNode:
     """A node driven from synchronous test code through its own event loop."""
 
-    def __init__(self, data_dir: Path, **overrides: Any) -> None:
+    def __init__(
+        self, data_dir: Path, clock: Callable[[], int] | None = None, **overrides: Any
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.data_dir = data_dir
         self.overrides = overrides
+        # Simulated time: the store reads this clock, and the test runs expiry
+        # cycles itself (Node.expire_cycle) instead of the timed background task.
+        self.clock = clock
         self.node = self._open()
 
     def _open(self) -> Node:
         node = open_node(self.data_dir, **self.overrides)
+        if self.clock is not None:
+            node.store.clock = self.clock
         self.loop.run_until_complete(_start(node))
+        if self.clock is not None and node._expiry_task is not None:
+            node._expiry_task.cancel()
         return node
 
     def run(self, coro: Any) -> Any:
@@ -43,9 +53,9 @@ class LoopNode:
 
     def abandon(self) -> None:
         """Crash: drop the node without closing it; files stay as the OS has them."""
-        task = self.node.wal._task
-        if task is not None:
-            task.cancel()
+        for task in (self.node.wal._task, self.node._expiry_task):
+            if task is not None:
+                task.cancel()
         self.node.wal._close_files()
         self.node.wal._executor.shutdown(wait=True)
 

@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from kvservice.engine import REVISION, Store
+from kvservice.engine import BATCH, DELETE, SET, Store, pack
 from kvservice.keyindex import KeyIndex
+from kvservice.v1.log_pb2 import LogEntry
 
 # Few distinct characters, so keys share prefixes and collide; non-ASCII ones of
 # 2, 3 and 4 UTF-8 bytes (é, ключ's к, 中, 😀) test byte order beyond ASCII.
@@ -94,10 +95,18 @@ class StoreIndexMatchesDict(RuleBasedStateMachine):
     def delete(self, key: str) -> None:
         self.store.apply(self.store.next_delete(key))
 
+    @rule(sets=st.lists(keys, max_size=4), deletes=st.lists(keys, max_size=4))
+    def batch(self, sets: list[str], deletes: list[str]) -> None:
+        """A Txn's one BATCH record: nested SETs and DELETEs under one revision."""
+        nested = [LogEntry(operation=SET, key=k, value=b"t") for k in sets]
+        nested += [LogEntry(operation=DELETE, key=k) for k in deletes]
+        revision = self.store.revision + 1
+        self.store.apply(LogEntry(revision=revision, operation=BATCH, entries=nested))
+
     @rule(new=st.sets(keys, max_size=20))
     def load(self, new: set[str]) -> None:
         revision = self.store.revision
-        self.store.load({k: REVISION.pack(revision) + b"s" for k in new}, revision)
+        self.store.load({k: pack(revision, b"s") for k in new}, revision)
 
     @rule(prefix=prefixes)
     def index_is_the_sorted_keys(self, prefix: str) -> None:
@@ -108,7 +117,7 @@ class StoreIndexMatchesDict(RuleBasedStateMachine):
 def test_the_index_is_sorted_on_the_first_scan_not_at_load() -> None:
     """Recovery, the snapshot writer and a snapshot install never sort the keys."""
     store = Store()
-    store.load({k: REVISION.pack(1) + b"v" for k in ("b", "a")}, 1)
+    store.load({k: pack(1, b"v") for k in ("b", "a")}, 1)
     store.apply(store.next_set("c", b"v"))
     store.apply(store.next_delete("a"))
     assert not store.key_index.built

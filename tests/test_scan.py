@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import zstandard as zstd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,6 +11,7 @@ from kvservice.engine import Store
 from kvservice.errors import InvalidArgument
 from kvservice.scan import DEFAULT_LIMIT, ITEM_OVERHEAD_BYTES, MAX_LIMIT, ScanLimits, read_page
 from kvservice.v1.kv_pb2 import ScanRequest, ScanResponse
+from kvservice.v1.log_pb2 import LogEntry
 
 LIMITS = ScanLimits(max_bytes=1 << 20, max_key_bytes=1024)
 
@@ -111,6 +113,32 @@ def test_deleted_keys_are_gone_and_new_ones_appear() -> None:
     store.apply(store.next_delete("k:2"))
     store.apply(store.next_set("k:0", b"new"))
     assert keys_of([read_page(store, ScanRequest(prefix="k:"), LIMITS)]) == ["k:0", "k:1", "k:3"]
+
+
+def test_expired_keys_are_hidden_and_live_ones_carry_their_expiry() -> None:
+    """As Get: a key whose expiry has passed is not listed, even before its DELETE."""
+    now = [1_000_000]
+    store = Store(clock=lambda: now[0])
+    for key, expires in (("t:a", 0), ("t:b", 1_000_500), ("t:c", 1_002_000)):
+        entry = store.next_set(key, b"v")
+        entry.expires_at_ms = expires
+        store.apply(entry)
+    page = read_page(store, ScanRequest(prefix="t:"), LIMITS)
+    assert [(i.key, i.expires_at_ms) for i in page.items] == [
+        ("t:a", 0), ("t:b", 1_000_500), ("t:c", 1_002_000),
+    ]  # fmt: skip
+    now[0] = 1_001_000
+    walked = walk(store, ScanRequest(prefix="t:", limit=1))
+    assert keys_of(walked) == ["t:a", "t:c"]
+
+
+def test_compressed_values_come_back_as_written() -> None:
+    store = Store()
+    entry = store.next_set("z:1", zstd.ZstdCompressor().compress(b"chat " * 100))
+    entry.value_encoding = LogEntry.VALUE_ENCODING_ZSTD
+    store.apply(entry)
+    [item] = read_page(store, ScanRequest(prefix="z:"), LIMITS).items
+    assert item.value == b"chat " * 100
 
 
 def test_an_oversized_prefix_or_start_after_is_invalid() -> None:

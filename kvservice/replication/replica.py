@@ -10,6 +10,13 @@ acknowledged once durable per the replica's own fsync policy.
 A full resync streams a snapshot file in pieces into `resync/`; the replica
 keeps serving its old data until the file is complete, verified and staged,
 then switches (storage/install.py) in one step.
+
+A node whose history the new primary's continues (a promotion), but that
+holds entries past the fork point — a demoted primary's unshipped tail —
+saves them to `diverged/`, rewinds its own state to the fork point
+(storage/rewind.py, staged and switched like a full resync) and resumes by
+partial resync; only when its files no longer reach back to the fork does it
+ask for a full resync.
 """
 
 from __future__ import annotations
@@ -26,10 +33,9 @@ from typing import TYPE_CHECKING
 from connectrpc.errors import ConnectError
 
 from kvservice.engine import Store
-from kvservice.errors import Compacted, ReplicationRefused, RevisionGap
-from kvservice.storage.backlog import BacklogReader
-from kvservice.storage.files import create_atomically
+from kvservice.errors import CannotRewind, ReplicationRefused, RevisionGap, StorageError
 from kvservice.storage.install import Incoming, discard_install, finish_install, stage_install
+from kvservice.storage.rewind import Rewound, save_diverged, stage_rewind, state_at
 from kvservice.storage.snapshot import LoadedSnapshot, load_snapshot
 from kvservice.v1.replication_connect import ReplicationClient
 from kvservice.v1.replication_pb2 import (
@@ -47,7 +53,6 @@ if TYPE_CHECKING:
     from kvservice.replication.manager import ReplicationManager
 
 log = logging.getLogger("kvservice.replica")
-DIVERGED_DIR = "diverged"
 
 # Give the node a new WAL, feed and snapshotter around an installed store, started.
 Rebuild = Callable[[Store], None]
@@ -97,6 +102,8 @@ class ReplicaSide:
         self.needs_full_resync = False
         self.lock = asyncio.Lock()
         self._incoming: Incoming | None = None
+        # A rewind to the fork point under way (outlives a push whose caller gave up).
+        self._rewinding: asyncio.Task[bool] | None = None
         self._announcer: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -114,6 +121,8 @@ class ReplicaSide:
             # the loop also checks _closing; and the wait is bounded regardless.)
             self._announcer.cancel()
             await asyncio.wait([self._announcer], timeout=5)
+        if self._rewinding is not None:
+            await asyncio.wait([self._rewinding])  # a switch half done must finish
         if self._incoming is not None:
             self._incoming.close()
             self._incoming = None
@@ -160,15 +169,14 @@ class ReplicaSide:
             )
         if not self._same_history(request.primary):
             protected = self._protect(request.primary)
-            if not protected:
-                await self._save_diverged(request.primary)
-            return self._answer(
-                PushResult.PUSH_RESULT_REFUSED if protected
-                else PushResult.PUSH_RESULT_HISTORY_MISMATCH,
-                protected
-                or f"this replica is in history {self.manager.state.replication_id or '(none)'}"
-                f" at revision {self.node.store.revision}; a full resync is needed",
-            )  # fmt: skip
+            if protected or not await self._rewind_to_fork(request.primary):
+                refused = protected or self.broken
+                return self._answer(
+                    PushResult.PUSH_RESULT_REFUSED if refused
+                    else PushResult.PUSH_RESULT_HISTORY_MISMATCH,
+                    refused or self._why_full_resync(),
+                )  # fmt: skip
+            # Rewound: now at the fork point, in a history the primary's continues.
         self.refused = self._behind(request.primary)
         if self.refused:
             return self._answer(PushResult.PUSH_RESULT_REFUSED, self.refused)
@@ -294,22 +302,104 @@ class ReplicaSide:
         # A node with no history yet joins any (nothing of its own to lose).
         return not mine and self.node.store.revision == 0
 
-    async def _save_diverged(self, primary: PrimaryInfo) -> None:
-        """Entries this node holds past the point where the new primary's history
-        forked from ours were never received by it: keep them in diverged/ (the
-        full resync that follows replaces them) and say how many."""
+    def _why_full_resync(self) -> str:
+        if self.needs_full_resync:
+            return self.full_resync_reason
+        return (
+            f"this replica is in history {self.manager.state.replication_id or '(none)'}"
+            f" at revision {self.node.store.revision}; a full resync is needed"
+        )
+
+    # -- rewinding to the fork point ------------------------------------------------
+
+    def _forked_from(self, primary: PrimaryInfo) -> bool:
+        """The primary's history continues ours, but this node holds entries past the
+        fork point (revision prev_end_revision) that the primary never received."""
         mine = self.manager.state.replication_id
-        fork = primary.prev_end_revision
-        if not mine or mine != primary.prev_replication_id or self.node.store.revision <= fork:
-            return
-        path, count = await asyncio.to_thread(
-            save_diverged, self.node.wal.dir, self.settings.data_dir, fork,
-            self.node.store.revision,
+        return (
+            bool(mine)
+            and mine == primary.prev_replication_id
+            and self.node.store.revision > primary.prev_end_revision
+        )
+
+    async def _rewind_to_fork(self, primary: PrimaryInfo) -> bool:
+        """Save the entries past the fork point to diverged/ and rewind this node to
+        the fork point; True when done (a partial resync follows), False when a full
+        resync is needed instead."""
+        if self._rewinding is None:
+            if not self._forked_from(primary):
+                return False
+            fork = primary.prev_end_revision
+            self._rewinding = asyncio.create_task(self._rewind(fork), name="rewind")
+        task = self._rewinding
+        try:
+            # Shielded: a push whose caller gave up (timeout) leaves the rewind running,
+            # and the next push waits for the same one instead of starting another.
+            return await asyncio.shield(task)
+        finally:
+            if task.done() and self._rewinding is task:
+                self._rewinding = None
+
+    async def _rewind(self, fork: int) -> bool:
+        data_dir = self.settings.data_dir
+        if self._incoming is not None:  # an older full resync's transfer: staging is ours now
+            self._incoming.close()
+            self._incoming = None
+        await self._save_diverged(fork)
+        started = time.monotonic()
+        try:
+            rewound = await self._stage_rewind(fork)
+        except (CannotRewind, StorageError, OSError, ValueError) as exc:
+            await asyncio.to_thread(discard_install, data_dir)
+            self.needs_full_resync = True
+            self.full_resync_reason = f"cannot rewind to the fork point at revision {fork}: {exc}"
+            log.error("rewind to the fork point impossible: full resync instead",
+                      extra={"fork_revision": fork, "reason": str(exc)})  # fmt: skip
+            return False
+        dropped = self.node.store.revision - fork
+        # Past COMPLETE the switch must finish (a failure leaves it for the next start).
+        try:
+            await asyncio.shield(self._switch_to(rewound.store))
+        except Exception as exc:
+            self.broken = (
+                f"a rewind to the fork point was staged but switching to it failed ({exc!r}):"
+                " restart the node to finish it"
+            )
+            log.critical("rewind switch failed", extra={"error": repr(exc)})
+            return False
+        log.warning(
+            "rewound to the fork point; resuming by partial resync",
+            extra={"revision": fork, "entries_set_aside": dropped,
+                   "base_snapshot_revision": rewound.base_revision,
+                   "replayed": rewound.replayed, "keys": len(rewound.store),
+                   "seconds": round(time.monotonic() - started, 3)},
         )  # fmt: skip
+        return True
+
+    async def _stage_rewind(self, fork: int) -> Rewound:
+        """Rebuild this node's state at `fork` from its own files and stage it."""
+        data_dir = self.settings.data_dir
+        retention = self.node.snapshotter.retention
+        # A snapshot meanwhile must not purge the WAL the rebuild reads.
+        retention.hold("rewind", lambda: 0)
+        try:
+            rewound = await asyncio.to_thread(state_at, data_dir, fork)
+        finally:
+            retention.release("rewind")
+        await asyncio.to_thread(stage_rewind, data_dir, rewound.store)
+        return rewound
+
+    async def _save_diverged(self, fork: int) -> None:
+        """Entries past the fork point were never received by the new primary: keep
+        them in diverged/ (the rewind or full resync that follows drops them) and
+        say how many."""
+        last = self.node.store.revision
+        await self.node.wal.sync()  # every one of them is in the WAL file first
+        path, count = await asyncio.to_thread(save_diverged, self.settings.data_dir, fork, last)
         log.error(
             "entries the new primary never received were moved aside",
             extra={"count": count, "after_revision": fork, "path": str(path),
-                   "expected": self.node.store.revision - fork},
+                   "expected": last - fork},
         )  # fmt: skip
 
     async def _adopt(self, primary: PrimaryInfo) -> None:
@@ -349,9 +439,7 @@ class ReplicaSide:
 
     async def install(self, request: InstallSnapshotRequest) -> InstallSnapshotResponse:
         async with self.lock:
-            if self._closing:
-                raise ReplicationRefused("this node is no longer a replica")
-            refusal = self._refusal(request.primary)
+            refusal = self._install_refusal(request.primary)
             if refusal:
                 self.last_error = refusal
                 raise ReplicationRefused(refusal)
@@ -402,6 +490,14 @@ class ReplicaSide:
                 next_offset=incoming.size, revision=self.node.store.revision
             )
 
+    def _install_refusal(self, primary: PrimaryInfo) -> str:
+        """Why a snapshot transfer is not taken now ("" when it is)."""
+        if self._closing or self.broken:
+            return self.broken or "this node is no longer a replica"
+        if self._rewinding is not None:  # it stages in resync/ too
+            return "rewinding to the fork point; try again"
+        return self._refusal(primary)
+
     async def _stage(self, incoming: Incoming, request: InstallSnapshotRequest) -> LoadedSnapshot:
         """Verify the received snapshot (every record) and stage it (COMPLETE last)."""
         data_dir = self.settings.data_dir
@@ -412,7 +508,6 @@ class ReplicaSide:
 
     async def _switch(self, snapshot: LoadedSnapshot, request: InstallSnapshotRequest) -> None:
         """Switch the node to the staged snapshot: its history, its files, its store."""
-        data_dir = self.settings.data_dir
         started = time.monotonic()
         # The new history is recorded once staged: a crash from here on finishes
         # the install at the next start, so state and data always agree.
@@ -420,14 +515,9 @@ class ReplicaSide:
         await self.manager.save(
             state.with_history(request.primary.replication_id, request.primary.epoch)
         )
-        node = self.node
-        await node.snapshotter.close()
-        await node.wal.close()
-        await asyncio.to_thread(finish_install, data_dir)
         store = Store()
         store.load(snapshot.data, snapshot.revision, snapshot.digest)
-        self.rebuild(store)
-        self._note_position()
+        await self._switch_to(store)
         self.state = "streaming"
         self.needs_full_resync, self.digest_error = False, ""
         self.manager.force_next_sync = False  # used: the forced replacement happened
@@ -436,6 +526,16 @@ class ReplicaSide:
             extra={"revision": snapshot.revision, "keys": len(store),
                    "load_seconds": round(time.monotonic() - started, 3)},
         )  # fmt: skip
+
+    async def _switch_to(self, store: Store) -> None:
+        """Put the staged files in place of the live ones and serve `store` (their
+        state): the one switch of a full resync and of a rewind."""
+        node = self.node
+        await node.snapshotter.close()
+        await node.wal.close()
+        await asyncio.to_thread(finish_install, self.settings.data_dir)
+        self.rebuild(store)
+        self._note_position()
 
     # -- announcing -------------------------------------------------------------------
 
@@ -528,23 +628,6 @@ class ReplicaSide:
         if lag > self.settings.replica_max_lag_seconds:
             return f"lagging {lag:.1f} s behind the primary (replica_max_lag_seconds)"
         return None
-
-
-def save_diverged(wal_dir: Path, data_dir: Path, fork: int, last: int) -> tuple[Path, int]:
-    """Copy the WAL records after `fork` to `<data-dir>/diverged/`; return (file, count)."""
-    target = data_dir / DIVERGED_DIR
-    target.mkdir(exist_ok=True)
-    path = target / f"{fork + 1:016x}-{last:016x}-{int(time.time())}.wal"
-    records: list[bytes] = []
-    try:
-        with BacklogReader(wal_dir, fork) as reader:
-            while batch := reader.read(last):
-                records += [item.record for item in batch]
-    except Compacted as exc:
-        # A snapshot since the fork purged them: only the snapshot holds them now.
-        log.error("diverged entries no longer in the WAL", extra={"error": str(exc)})
-    create_atomically(path, records)
-    return path, len(records)
 
 
 def load_snapshot_as(path: Path, revision: int) -> LoadedSnapshot:

@@ -1,8 +1,10 @@
-"""Installing a snapshot received in a full resync, crash-safely.
+"""Installing a new state — a snapshot received in a full resync, or the
+node's own state rewound to a fork point (storage/rewind.py) — crash-safely.
 
 The replica keeps serving its old data while the snapshot arrives. The
 transfer is written to `<data-dir>/resync/incoming.tmp`; once complete it is
-verified (loaded), and the new data layout is staged beside the live one:
+verified (loaded), and the new data layout is staged beside the live one
+(a rewind writes its snapshot into `resync/` and stages it the same way):
 
     resync/snap/<revision>.snap    the received snapshot
     resync/wal/<revision+1>.wal    an empty segment the log continues in
@@ -35,9 +37,7 @@ class Incoming:
 
     def __init__(self, data_dir: Path, transfer_id: str) -> None:
         self.transfer_id = transfer_id
-        self.dir = data_dir / RESYNC_DIR
-        discard_install(data_dir)
-        self.dir.mkdir(parents=True)
+        self.dir = begin_staging(data_dir)
         self.path = self.dir / INCOMING
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.size = 0
@@ -60,8 +60,17 @@ class Incoming:
             self._fd = -1
 
 
+def begin_staging(data_dir: Path) -> Path:
+    """An empty `resync/` to stage in (anything unfinished there is discarded)."""
+    discard_install(data_dir)
+    resync = data_dir / RESYNC_DIR
+    resync.mkdir(parents=True)
+    return resync
+
+
 def stage_install(data_dir: Path, received: Path, revision: int) -> None:
-    """Lay out the new data dir beside the live one and mark it COMPLETE."""
+    """Lay out the new data dir beside the live one and mark it COMPLETE
+    (`received`: a verified snapshot file inside `resync/`, at `revision`)."""
     resync = data_dir / RESYNC_DIR
     snap, wal = resync / "snap", resync / "wal"
     for directory in (snap, wal):

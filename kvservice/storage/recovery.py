@@ -67,9 +67,10 @@ def recover(data_dir: Path, *, repair_tail: bool = True) -> Recovery:
     wal_dir, snap_dir = data_dirs(data_dir)
     if repair_tail:
         data_dir.mkdir(parents=True, exist_ok=True)
-        # A full resync interrupted by a crash: finished when staged, else discarded.
+        # A full resync or a rewind to a fork point interrupted by a crash: finished
+        # when staged, else discarded.
         if finish_install(data_dir):
-            log.warning("finished installing a snapshot received by full resync")
+            log.warning("finished installing a staged state (full resync or rewind)")
         for directory in (wal_dir, snap_dir):
             directory.mkdir(parents=True, exist_ok=True)
         for stale in remove_stale_tmp(wal_dir) + remove_stale_tmp(snap_dir):

@@ -18,6 +18,7 @@ import pytest
 from connectrpc.errors import ConnectError
 
 from kvservice.v1.kv_connect import KVStoreClientSync
+from tests.faults.shim import build_shim
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -165,6 +166,12 @@ def make_server(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-typ
     for server in made:
         if server.proc is not None and server.proc.poll() is None:
             server.kill()
+
+
+@pytest.fixture(scope="session")
+def fault_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LD_PRELOAD shim of tests/faults/shim.c, compiled once per session."""
+    return build_shim(tmp_path_factory.mktemp("shim"))
 
 
 @pytest.fixture

@@ -58,3 +58,34 @@ def test_buf_curl_health_check(server: ServerProcess) -> None:
         done = buf_curl(f"{server.url}/grpc.health.v1.Health/Check", request)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == {"status": "SERVING"}
+
+
+def test_buf_curl_data_model_methods(server: ServerProcess) -> None:
+    """The CI smoke test of the data-model RPCs: TTL, Touch, Increment, MGet, Txn."""
+    kv = f"{server.url}/kvservice.v1.KVStore"
+    steps = [
+        ("Set", '{"key":"presence:alice","value":"b24=","ttlMs":"60000"}', {"revision": "1"}),
+        ("Touch", '{"key":"presence:alice","ttlMs":"0"}', {"revision": "2"}),
+        ("Increment", '{"key":"unread:alice","delta":"3"}', {"value": "3", "revision": "3"}),
+        (
+            "Txn",
+            '{"conditions":[{"key":"unread:alice","revision":"3"}],'
+            '"success":[{"increment":{"key":"unread:alice","delta":"-3"}}]}',
+            {"succeeded": True, "revision": "4",
+             "results": [{"increment": {"revision": "4"}}]},  # value 0: left out
+        ),
+        (
+            "MGet",
+            '{"keys":["presence:alice","unread:alice"]}',
+            {"revision": "4", "items": [
+                {"found": True, "value": "b24=", "revision": "2"},
+                {"found": True, "value": "MA==", "revision": "4"},
+            ]},
+        ),
+    ]  # fmt: skip
+    for method, data, expected in steps:
+        done = buf_curl(f"{kv}/{method}", data)
+        assert done.returncode == 0, (method, done.stderr)
+        assert json.loads(done.stdout) == expected, method
+    done = buf_curl(f"{kv}/Set", '{"key":"presence:alice","value":"","ifRevision":"1"}')
+    assert json.loads(done.stderr)["code"] == "aborted"

@@ -16,11 +16,20 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
+from kvservice.storage import record
 from kvservice.v1.admin_connect import AdminClientSync
-from kvservice.v1.admin_pb2 import ReplicationStatusRequest, ReplicationStatusResponse
+from kvservice.v1.admin_pb2 import (
+    DigestRequest,
+    ReplicationStatusRequest,
+    ReplicationStatusResponse,
+)
 from kvservice.v1.kv_connect import KVStoreClientSync
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
+from kvservice.v1.log_pb2 import LogEntry
+from tests.faults.logs import json_lines
 from tests.faults.proxy import FaultProxy
+from tests.faults.shim import shim_env
+from tests.integration import cluster as kv_cluster
 from tests.integration.conftest import ServerProcess, free_port, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
@@ -87,6 +96,9 @@ def test_promote_and_replicaof_keep_every_replica_in_one_history(
     assert set_(old, "lost", b"!") == 21
     assert run_cli("replicaof", "--url", old.url, "--primary", r1.url).returncode == 0
     wait_for("old primary streaming from r1", streaming(r1, 2))
+    # It rewound to the fork point (revision 20) and resumed from there.
+    [back] = [link for link in status(r1).replicas if link.url == old.url]
+    assert (back.partial_resyncs, back.full_resyncs) == (1, 0)
     with old.client() as client:
         assert client.get(GetRequest(key="after")).revision == 21
         assert not client.get(GetRequest(key="lost")).found
@@ -329,3 +341,149 @@ def test_an_old_primary_partitioned_during_promotion_is_fenced_when_healed(
     finally:
         for proxy in proxies:
             proxy.close()
+
+
+def test_unplanned_failover_the_old_primary_rewinds_to_the_fork_point(tmp_path: Path) -> None:
+    """P with replicas R1 and R2 is cut off (proxies) and acknowledges N writes no replica
+    gets; R1 is promoted and takes M more; R2 follows R1 by partial resync; P, fenced once
+    the links heal, is repointed to R1: its N entries are in diverged/, it rewinds to the
+    fork point (snapshot + WAL) and resumes by exactly one partial resync and no full
+    one; every node ends at the same revision and digest."""
+    nodes = kv_cluster.Cluster(tmp_path)
+    try:
+        _unplanned_failover(nodes)
+    except BaseException:
+        print(nodes.logs())  # shown by pytest only when the test failed
+        raise
+    finally:
+        nodes.close()
+
+
+def _unplanned_failover(nodes: kv_cluster.Cluster) -> None:
+    p, (r1, r2) = nodes.primary_with_replicas(2)
+    for i in range(40):
+        _set(p, f"before/{i:02d}", wait_replicas=2)
+    assert run_cli("snapshot", "--url", p.url).returncode == 0  # the rewind's base
+    for i in range(10):  # replayed from the WAL on top of it
+        _set(p, f"before/{i:02d}", wait_replicas=2)
+    fork = p.status().revision
+    assert fork == 50
+    for node in (r1, r2):
+        assert node.proxy is not None
+        node.proxy.cut()
+    lost = [f"lost/{i}" for i in range(7)]
+    for key in lost:  # acknowledged by P alone
+        _set(p, key)
+
+    promoted = json.loads(run_cli("promote", "--url", r1.url).stdout)
+    assert int(promoted["prevEndRevision"]) == fork
+    assert run_cli("replicaof", "--url", r2.url, "--primary", r1.url).returncode == 0
+    for node in (r1, r2):
+        assert node.proxy is not None
+        node.proxy.heal()  # P meets epoch 1 through them and is fenced
+    wait_for("P fenced", lambda: "fenced" in p.status().fenced, timeout=30)
+    kv_cluster.wait_streaming(r1, r2)
+    after = [f"after/{i}" for i in range(12)]
+    for key in after:
+        _set(r1, key, wait_replicas=1)
+    assert _resyncs(r1, r2) == (1, 0)
+
+    assert run_cli("replicaof", "--url", p.url, "--primary", r1.url).returncode == 0
+    kv_cluster.wait_streaming(r1, p)
+    revision = kv_cluster.wait_caught_up(r1, [r2, p])
+    assert revision == fork + len(after)
+    assert _resyncs(r1, p) == (1, 0)
+    assert _resyncs(r1, r2) == (1, 0)
+
+    [diverged] = (p.data_dir / "diverged").iterdir()
+    entries = [
+        LogEntry.FromString(payload)
+        for _, payload in record.scan(diverged.read_bytes(), str(diverged))
+    ]
+    assert [e.revision for e in entries] == list(range(fork + 1, fork + len(lost) + 1))
+    assert [e.key for e in entries] == lost
+    [moved] = [e for e in json_lines(p.server.log()) if e["message"].startswith("entries the new")]
+    assert (moved["count"], moved["after_revision"]) == (len(lost), fork)
+    [rewound] = [e for e in json_lines(p.server.log()) if e["message"].startswith("rewound to")]
+    assert (rewound["revision"], rewound["entries_set_aside"]) == (fork, len(lost))
+    assert (rewound["base_snapshot_revision"], rewound["replayed"]) == (40, 10)
+
+    digests = set()
+    for node in (r1, r2, p):
+        with AdminClientSync(node.url, timeout_ms=10_000) as admin:
+            reply = admin.digest(DigestRequest(min_revision=revision))
+        digests.add((reply.revision, reply.digest))
+    assert len(digests) == 1, digests
+    assert next(iter(digests))[0] == revision
+    for node in (r2, p):
+        checked = run_cli("check", "--primary", r1.url, "--replica", node.url)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        with node.client() as client:
+            assert not any(client.get(GetRequest(key=key)).found for key in lost)
+            assert all(client.get(GetRequest(key=key)).found for key in after)
+
+
+def _set(node: kv_cluster.Node, key: str, **fields: int) -> int:
+    with node.client() as client:
+        return client.set(SetRequest(key=key, value=key.encode(), **fields)).revision
+
+
+def _resyncs(primary: kv_cluster.Node, replica: kv_cluster.Node) -> tuple[float, float]:
+    """(partial, full) resyncs of `replica` counted by `primary` (its /metrics)."""
+    return (
+        kv_cluster.resyncs(primary, replica, "partial"),
+        kv_cluster.resyncs(primary, replica, "full"),
+    )
+
+
+@pytest.mark.parametrize("killed", ["before COMPLETE", "after COMPLETE"])
+def test_an_old_primary_killed_mid_rewind_comes_back_on_one_state_or_the_other(
+    make_server, tmp_path: Path, fault_shim: Path, killed: str
+) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL while the rewind stages (fsyncs in resync/ stalled) or once it is staged
+    (every fsync in the data dir stalled, killed as COMPLETE appears): the restarted node
+    discards the staging and rewinds again, or finishes the staged rewind at start-up;
+    either way it resumes by one partial resync, with its unshipped entries in
+    diverged/ once."""
+    p_dir, stall = tmp_path / "p", tmp_path / "stall-fsync"
+    before = killed == "before COMPLETE"
+    env = shim_env(fault_shim, p_dir, slow_fsync_trigger=stall,
+                   slow_fsync_ms=2000 if before else 700)  # fmt: skip
+    # Before: only the staging stalls. After: every fsync under the data dir, the
+    # directory's own included, so the switch is still under way when COMPLETE appears.
+    env["KVS_FAULT_PATH_PREFIX"] = f"{p_dir}/resync/" if before else str(p_dir)
+    primary = make_server(*FAST, data_dir=p_dir, env=env).start()
+    r1 = replica(make_server, tmp_path, "r1", primary.url)
+    for i in range(20):
+        set_(primary, f"k{i}", b"v", wait_replicas=1)
+    primary.kill()
+    assert run_cli("promote", "--url", r1.url).returncode == 0
+    for i in range(5):
+        set_(r1, f"after{i}", b"1")
+    old = make_server(*FAST, data_dir=p_dir, env=env, port=primary.port).start()
+    lost = [f"lost{i}" for i in range(3)]
+    for key in lost:
+        set_(old, key, b"!")
+
+    stall.touch()
+    assert run_cli("replicaof", "--url", old.url, "--primary", r1.url).returncode == 0
+    marker = p_dir / "resync" / ("rewound.snap.tmp" if before else "COMPLETE")
+    wait_for(f"the rewind stalled {killed}", marker.exists, timeout=60)
+    old.kill()
+    stall.unlink()
+    if before:
+        assert kv_cluster.stored(p_dir)[1] == 23  # the live files were not touched
+
+    old = make_server(*FAST, data_dir=p_dir, env=env, port=primary.port).start()
+    wait_for("old primary streaming from r1", streaming(r1, 1))
+    log = json_lines(old.log())
+    finished = [e for e in log if e["message"].startswith("finished installing a staged")]
+    rewinds = [e for e in log if e["message"].startswith("rewound to the fork point")]
+    assert (len(finished), len(rewinds)) == ((0, 1) if before else (1, 0))
+    [back] = status(r1).replicas
+    assert (back.partial_resyncs, back.full_resyncs) == (1, 0)
+    [diverged] = (p_dir / "diverged").iterdir()
+    keys = [LogEntry.FromString(p).key for _, p in record.scan(diverged.read_bytes(), "d")]
+    assert keys == lost
+    with AdminClientSync(r1.url) as a, AdminClientSync(old.url) as b:
+        assert a.digest(DigestRequest()) == b.digest(DigestRequest(min_revision=25))

@@ -16,7 +16,17 @@ from kvservice.health.v1.health_connect import HealthClientSync
 from kvservice.health.v1.health_pb2 import HealthCheckRequest
 from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import SnapshotRequest
-from kvservice.v1.kv_pb2 import DeleteRequest, GetRequest, SetRequest
+from kvservice.v1.kv_pb2 import (
+    Condition,
+    DeleteRequest,
+    GetRequest,
+    IncrementRequest,
+    MGetRequest,
+    Op,
+    SetRequest,
+    TouchRequest,
+    TxnRequest,
+)
 from tests.integration.conftest import ServerProcess, free_port
 from tests.securitykit import AUDIENCE, ISSUER, JwtKeys, tampered, write_tokens
 
@@ -200,3 +210,43 @@ def test_refusals_are_counted_and_logged_without_the_token(node: Node) -> None:
     assert "leaky-secret-value" not in log
     assert '"reason": "outside_prefix", "identity": "bob"' in log
     assert '"key_prefix": "user:alice:"' in log
+
+
+def test_jwt_scope_covers_every_key_of_a_batch(node: Node) -> None:
+    """A browser user confined to user:alice: cannot reach another key by hiding it inside
+    a Txn (a condition or an operation) or an MGet; within scope all of them work."""
+    alice = node.keys.token("alice")
+    bob_key = "user:bob:inbox"
+    _root_set(node.server, bob_key, b"private")
+    outside = [
+        ("MGet", MGetRequest(keys=[KEY_ALICE, bob_key])),
+        ("Txn", TxnRequest(conditions=[Condition(key=bob_key, present=True)])),
+        (
+            "Txn",
+            TxnRequest(
+                success=[
+                    Op(set=SetRequest(key=KEY_ALICE, value=b"a")),
+                    Op(delete=DeleteRequest(key=bob_key)),
+                ]
+            ),
+        ),
+        ("Txn", TxnRequest(failure=[Op(increment=IncrementRequest(key=bob_key, delta=1))])),
+        ("Touch", TouchRequest(key=bob_key, ttl_ms=1)),
+        ("Increment", IncrementRequest(key=bob_key, delta=1)),
+    ]
+    with node.server.client() as kv:
+        for method, request in outside:
+            with pytest.raises(ConnectError) as refused:
+                getattr(kv, {"MGet": "m_get"}.get(method, method.lower()))(
+                    request, headers=_headers(alice)
+                )
+            assert refused.value.code == DENIED, method
+            assert "user:bob:inbox" in refused.value.message or "outside" in refused.value.message
+        assert _root_get(node.server, bob_key) == b"private"
+        reply = kv.txn(
+            TxnRequest(success=[Op(increment=IncrementRequest(key="user:alice:n", delta=2))]),
+            headers=_headers(alice),
+        )
+        assert reply.results[0].increment.value == 2
+        got = kv.m_get(MGetRequest(keys=["user:alice:n"]), headers=_headers(alice))
+        assert got.items[0].value == b"2"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvservice.engine import REVISION
+from kvservice.engine import HEADER
 from kvservice.errors import CorruptRecord, SnapshotFailed, StorageError
 from kvservice.storage import record
 from kvservice.storage.recovery import recover
@@ -20,7 +20,7 @@ from tests.nodes import open_node
 stored = st.dictionaries(
     st.text(min_size=1, max_size=20),
     st.tuples(st.integers(min_value=1, max_value=2**63), st.binary(max_size=50)).map(
-        lambda rv: REVISION.pack(rv[0]) + rv[1]
+        lambda rv: HEADER.pack(rv[0]) + rv[1]
     ),
     max_size=50,
 )
@@ -37,14 +37,14 @@ def test_round_trip(tmp_path_factory: pytest.TempPathFactory, data: dict[str, by
 
 
 def test_many_chunks(tmp_path: Path) -> None:
-    data = {f"k{i}": REVISION.pack(i + 1) + b"v" for i in range(CHUNK_KEYS * 2 + 5)}
+    data = {f"k{i}": HEADER.pack(i + 1) + b"v" for i in range(CHUNK_KEYS * 2 + 5)}
     assert load_snapshot(write_snapshot(tmp_path, data, 9)).data == data
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "append"])
 def test_any_damage_is_corruption(tmp_path: Path, damage: str) -> None:
     """A snapshot is written atomically, so even a short file is corruption, never 'torn'."""
-    data = {f"k{i}": REVISION.pack(1) + b"value" for i in range(100)}
+    data = {f"k{i}": HEADER.pack(1) + b"value" for i in range(100)}
     path = write_snapshot(tmp_path, data, 1)
     raw = bytearray(path.read_bytes())
     if damage == "flip":
@@ -155,7 +155,7 @@ def test_a_snapshot_builds_on_the_previous_one_and_the_wal(tmp_path: Path) -> No
     expected = asyncio.run(scenario())
     newest = list_snapshots(tmp_path / "snap")[0][1]
     loaded = load_snapshot(newest)
-    assert {key: (value[8:], REVISION.unpack_from(value)[0])
+    assert {key: (value[8:], HEADER.unpack_from(value)[0])
             for key, value in loaded.data.items()} == expected  # fmt: skip
 
 
@@ -185,7 +185,7 @@ def test_a_failed_snapshot_says_why_and_leaves_no_process_behind(tmp_path: Path)
 
 def test_large_values_are_split_into_bounded_chunks(tmp_path: Path) -> None:
     """Chunks end by size as well as by key count, far below the record limit."""
-    value = REVISION.pack(1) + b"v" * (1 << 20)
+    value = HEADER.pack(1) + b"v" * (1 << 20)
     data = {f"big{i}": value for i in range(12)}
     path = write_snapshot(tmp_path, data, 1)
     sizes = [len(p) for _, p in record.scan(path.read_bytes())]
