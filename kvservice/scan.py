@@ -5,7 +5,9 @@ of `ScanResponse.revision`; pages of one walk may come from different
 revisions, as with etcd's paginated range reads. A page ends at `limit`
 keys, or before its bytes would pass `max_bytes` (but holds at least one
 key, so a walk always advances); `next_start_after` is the page's last key
-when more keys match, and empty on the last page.
+when more keys match, and empty on the last page. Keys whose expiry has passed
+are skipped (the index lists them until the primary commits their DELETE), so
+a page may look at more keys than it returns.
 """
 
 from __future__ import annotations
