@@ -4,6 +4,7 @@
     python -m bench.run --smoke    # seconds, tiny counts: bench/results/smoke.md
     python -m bench.run --only snapshot,gc   # bench/results/snapshot-gc.md (opt-in cases)
     python -m bench.run --only replication   # bench/results/replication.md alone (~4 min)
+    python -m bench.run --only watch         # bench/results/watch.md (~3 min; bench/watch.py)
     python -m bench.run --only snapshot --compare-repo ../after   # before/after side by side
     python -m bench.run --only kv-get,kv-set-json-always,kv-set-proto-always \
         --kvservice-repo ../before --compare-repo ../after        # hot path before/after
@@ -41,6 +42,7 @@ from bench import (
     targets,
     throughput,
     tools,
+    watch,
 )
 from bench.load import http_generator
 from bench.peers import start_etcd, start_redis
@@ -52,8 +54,9 @@ log = logging.getLogger("bench.run")
 DEFAULT_OUT = REPO / "bench" / "results"
 # Cases with a results file of their own, run when --only names them: snapshot and gc
 # (snapshot-gc.md; not in the full run, they add minutes), and replication
-# (bench/replication.py -> replication.md; about 4 minutes, also in the full run).
-OPT_IN = ("snapshot", "gc", "replication")
+# (bench/replication.py -> replication.md; about 4 minutes, also in the full run), and
+# watch (bench/watch.py -> watch.md; about 3 minutes, not in the full run).
+OPT_IN = ("snapshot", "gc", "replication", "watch")
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         help="comma-separated parts of case keys to run (e.g. kv-set,redis, or memory); "
         "writes partial.md; `snapshot` and `gc` (not in the full run) write snapshot-gc.md, "
-        "`replication` (also in the full run) replication.md",
+        "`replication` (also in the full run) replication.md, `watch` watch.md",
     )
     parser.add_argument(
         "--kvservice-repo",
@@ -180,8 +183,8 @@ def prepare_tools(plan: Plan) -> list[str]:
     """Install what is missing if allowed; return what is still missing. The opt-in
     cases alone need only wrk (the peers are for the cases of issue 4)."""
     commands = None if plan.standard else ["wrk"]
-    if commands is not None and plan.opted("replication"):
-        commands += ["redis-server", "redis-cli"]  # the full resync's peer
+    if commands is not None and (plan.opted("replication") or plan.opted("watch")):
+        commands += ["redis-server", "redis-cli"]  # the full resync's peer; pub/sub
     return tools.install_missing(commands) if plan.install else tools.missing(commands)
 
 
@@ -301,6 +304,9 @@ def run(plan: Plan, out: Path) -> list[Path]:
         paths += run_snapshot_gc(plan, out, settings)
     if plan.replication:
         paths.append(run_replication(plan, out))
+    if plan.opted("watch"):
+        target = out / ("watch-smoke.md" if plan.smoke else "watch.md")
+        paths.append(watch.run(watch.Plan.make(plan.smoke), target))
     return paths
 
 

@@ -30,6 +30,7 @@ from kvservice.v1 import admin_pb2, kv_pb2
 from kvservice.v1.admin_connect import AdminASGIApplication
 from kvservice.v1.kv_connect import KVStoreASGIApplication
 from kvservice.v1.replication_connect import ReplicationASGIApplication
+from kvservice.watch import WatchHub
 
 if TYPE_CHECKING:
     from kvservice.config import Settings
@@ -125,8 +126,10 @@ def create_app(
     codec.install()
     max_body = settings.max_value_bytes * 4 // 3 + REQUEST_OVERHEAD_BYTES
     security = Security(settings, metrics.security)
+    watches = WatchHub(node, settings, on_too_slow=metrics.watch_too_slow.inc)
+    metrics.watch_streams.set_function(lambda: watches.streams)
     kv = KVStoreASGIApplication(
-        KVStoreService(node, replication), read_max_bytes=max_body,
+        KVStoreService(node, replication, watches), read_max_bytes=max_body,
         compressions=[BoundedGzip(max_body)], interceptors=security.interceptors(),
     )  # fmt: skip
     # Small requests only: their messages have no value field.
@@ -172,6 +175,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         node.start()
+        watches.start()
         await replication.start()
         try:
             yield
@@ -181,6 +185,7 @@ def create_app(
             # Starlette does not log a forced exit as a crash.
             node.close_sync()
             return
+        watches.close()  # (already ended at the first signal: server.py)
         await replication.close()
         await node.close()
 
@@ -204,6 +209,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.security = security  # reloaded on SIGHUP (security.harden)
+    app.state.watches = watches  # ended at the first shutdown signal (server.py)
     return app
 
 

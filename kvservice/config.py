@@ -152,6 +152,38 @@ class Settings(BaseSettings):
         description="a replica counts as healthy for min_replicas when connected and"
         " lagging less than this",
     )  # fmt: skip
+    # -- watch streams (README, "Watch") --
+    watch_max_streams: int = Field(
+        10_000, ge=1, le=1_000_000,
+        description="most Watch streams open at once; more get resource_exhausted",
+    )  # fmt: skip
+    watch_buffer_events: int = Field(
+        10_000, ge=10, le=10_000_000,
+        description="events queued for one Watch stream before its consumer counts as too slow"
+        " (the stream ends with resource_exhausted and resumes)",
+    )  # fmt: skip
+    watch_buffer_bytes: int = Field(
+        8 * MiB, ge=64 * KiB, le=1024 * MiB,
+        description="bytes of events queued for one Watch stream before it counts as too slow",
+    )  # fmt: skip
+    watch_batch_max_events: int = Field(
+        1000, ge=1, le=100_000,
+        description="most events in one Watch message (a Txn's events always go together)",
+    )  # fmt: skip
+    watch_batch_max_bytes: int = Field(
+        1 * MiB, ge=4 * KiB, le=64 * MiB,
+        description="most event bytes in one Watch message (a larger Txn or value goes alone)",
+    )  # fmt: skip
+    watch_progress_seconds: float = Field(
+        5.0, ge=0.05, le=3600,
+        description="a Watch stream gets a progress message (the current revision) at least"
+        " this often",
+    )  # fmt: skip
+    watch_stall_seconds: float = Field(
+        10.0, ge=0.1, le=3600,
+        description="a Watch stream ended for being too slow whose client still reads nothing"
+        " is cancelled (its slot freed) after this long",
+    )  # fmt: skip
 
     # --- Security (README "Security"): TLS, authentication, limits, hostile input ---
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain: serve HTTPS")
@@ -244,7 +276,9 @@ class Settings(BaseSettings):
         "repl_batch_max_entries", "repl_batch_max_bytes", "repl_backlog_bytes",
         "repl_heartbeat_seconds", "repl_retry_max_seconds", "replica_max_lag_seconds",
         "min_revision_max_wait_ms", "wait_replicas_max_wait_ms", "min_replicas",
-        "min_replicas_max_lag_seconds", "scan_max_bytes", mode="before",
+        "min_replicas_max_lag_seconds", "watch_max_streams", "watch_buffer_events",
+        "watch_buffer_bytes", "watch_batch_max_events", "watch_batch_max_bytes",
+        "watch_progress_seconds", "watch_stall_seconds", "scan_max_bytes", mode="before",
     )  # fmt: skip
     @classmethod
     def _no_booleans_as_numbers(cls, value: object) -> object:

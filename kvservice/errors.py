@@ -101,6 +101,26 @@ class FeedOverflow(KVError):
         self.last_revision = last_revision
 
 
+def resume_hint(last_revision: int) -> str:
+    """How a watch stream that ended can resume without a gap."""
+    return (
+        f"every change up to revision {last_revision} was delivered: watch again from"
+        f" revision {last_revision + 1}"
+    )
+
+
+class WatchTooSlow(ResourceExhausted):
+    """A watch stream's consumer fell further behind than the stream's buffer allows."""
+
+    def __init__(self, last_revision: int, why: str) -> None:
+        super().__init__(f"{why}; {resume_hint(last_revision)}")
+        self.last_revision = last_revision
+
+
+class StorageReplaced(KVError):
+    """A full resync replaced this replica's store: what read the old one must start over."""
+
+
 class Unauthenticated(KVError):
     """The caller sent no credential, or one that is unknown, expired or badly signed."""
 

@@ -210,6 +210,15 @@ class Metrics:
         self.recovery_records = Gauge(
             "kvservice_recovery_replayed_records", "WAL records replayed at start-up", registry=r
         )
+        self.watch_streams = Gauge(
+            "kvservice_watch_streams", "Watch streams open (live or reading the backlog)",
+            registry=r,
+        )  # fmt: skip
+        self.watch_too_slow = Counter(
+            "kvservice_watch_too_slow",
+            "Watch streams ended with resource_exhausted: their consumer read too slowly",
+            registry=r,
+        )  # fmt: skip
         self.started = time.time()
 
     def observe_fsync(self, seconds: float, batch: int) -> None:

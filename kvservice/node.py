@@ -178,8 +178,8 @@ class Node:
         self.limits.check_key(key)
         self._check_writable()
         expired = self._expire_due(key, self.store.clock())
-        item = ops.check_revision(self.store, key, if_revision)
-        if item is None:
+        ops.check_revision(self.store, key, if_revision)
+        if self.store.item(key) is None:
             # Nothing changes, so nothing more is logged (as etcd's DeleteRange).
             if expired:
                 await self.wal.sync()

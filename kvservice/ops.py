@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from kvservice import values
-from kvservice.engine import DELETE, ENCODING_ZSTD, SET, TOUCH, Item, Store
+from kvservice.engine import DELETE, ENCODING_ZSTD, SET, TOUCH, Store
 from kvservice.errors import ConditionFailed, InvalidArgument, KeyNotFound, NotACounter
 from kvservice.v1.kv_pb2 import (
     Condition,
@@ -85,17 +85,15 @@ def expires_at(now_ms: int, ttl_ms: int) -> int:
     return now_ms + ttl_ms if ttl_ms else 0
 
 
-def check_revision(store: Store, key: str, if_revision: int | None) -> Item | None:
-    """The live item, after checking compare-and-set (`aborted` on a mismatch)."""
+def check_revision(store: Store, key: str, if_revision: int | None) -> None:
+    """Compare-and-set: `aborted` unless the key's revision is `if_revision` (None: no check)."""
+    if if_revision is None:
+        return
     item = store.item(key)
-    if if_revision is not None:
-        current = 0 if item is None else item.revision
-        if current != if_revision:
-            state = "absent" if item is None else f"at revision {current}"
-            raise ConditionFailed(
-                f"if_revision {if_revision} does not hold: key {key!r} is {state}"
-            )
-    return item
+    current = 0 if item is None else item.revision
+    if current != if_revision:
+        state = "absent" if item is None else f"at revision {current}"
+        raise ConditionFailed(f"if_revision {if_revision} does not hold: key {key!r} is {state}")
 
 
 def set_entry(key: str, value: bytes, expires: int, limits: Limits) -> LogEntry:

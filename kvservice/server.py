@@ -29,6 +29,7 @@ from kvservice.storage.recovery import Recovery
 from kvservice.storage.retention import Retention
 from kvservice.storage.segments import data_dirs, list_segments
 from kvservice.storage.wal import Wal
+from kvservice.watch import WatchHub
 
 log = logging.getLogger("kvservice.server")
 
@@ -201,8 +202,17 @@ def serve(settings: Settings, recovery: Recovery) -> None:
     node = build_node(settings, recovery, metrics)
     replication = build_replication(settings, node, metrics)
     tune_gc()
+    app = create_app(node, settings, metrics, replication)
+    watches: WatchHub = app.state.watches
+
+    def on_first_signal() -> None:
+        node.begin_drain()
+        # uvicorn waits for open connections before the lifespan shutdown runs:
+        # watch streams never end by themselves, so end them now.
+        watches.drain_soon()
+
     config = uvicorn.Config(
-        create_app(node, settings, metrics, replication),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -215,7 +225,7 @@ def serve(settings: Settings, recovery: Recovery) -> None:
     )
     harden(config, settings)  # TLS, slow-client limits, SIGHUP reload
     try:
-        Server(config, on_first_signal=node.begin_drain).run()
+        Server(config, on_first_signal=on_first_signal).run()
     except SystemExit as exc:
         # uvicorn exits with its own code 3 when it cannot listen (port in use, no
         # permission); in kvservice 3 means the data dir was refused, so re-raise.

@@ -6,10 +6,11 @@ This is the one place where kvservice errors become Connect codes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 from connectrpc.code import Code
@@ -35,6 +36,7 @@ from kvservice.errors import (
     RevisionNotReached,
     ShuttingDown,
     SnapshotFailed,
+    StorageReplaced,
     Unauthenticated,
     WalFailed,
 )
@@ -78,7 +80,10 @@ from kvservice.v1.kv_pb2 import (
     TouchResponse,
     TxnRequest,
     TxnResponse,
+    WatchRequest,
+    WatchResponse,
 )
+from kvservice.watch import WatchHub
 
 log = logging.getLogger("kvservice.service")
 S = TypeVar("S")
@@ -103,6 +108,7 @@ CODES: dict[type[KVError], Code] = {
     WalFailed: Code.UNAVAILABLE,
     ShuttingDown: Code.UNAVAILABLE,
     SnapshotFailed: Code.UNAVAILABLE,
+    StorageReplaced: Code.UNAVAILABLE,
     Unauthenticated: Code.UNAUTHENTICATED,
     PermissionDenied: Code.PERMISSION_DENIED,
 }
@@ -282,9 +288,12 @@ class AdminService:
 class KVStoreService:
     """Implements the generated `KVStore` protocol on top of a Node."""
 
-    def __init__(self, node: Node, replication: ReplicationManager) -> None:
+    def __init__(
+        self, node: Node, replication: ReplicationManager, watches: WatchHub | None = None
+    ) -> None:
         self.node = node
         self.replication = replication
+        self.watches = watches or WatchHub(node, replication.settings)
         self.max_wait = replication.settings.min_revision_max_wait_ms / 1000
         self.max_replica_wait = replication.settings.wait_replicas_max_wait_ms / 1000
         self.scan_limits = ScanLimits(
@@ -399,6 +408,18 @@ class KVStoreService:
         # No await from here on: the whole page is read at one revision.
         return read_page(self.node.store, request, self.scan_limits)
 
-    async def watch(self, request: Any, ctx: RequestContext[Any, Any]) -> AsyncIterator[Any]:
-        raise ConnectError(Code.UNIMPLEMENTED, "Watch is not implemented yet")
-        yield  # a generator, as the protocol expects
+    async def watch(
+        self, request: WatchRequest, ctx: RequestContext[Any, Any]
+    ) -> AsyncGenerator[WatchResponse, None]:
+        """Server streaming (kvservice/watch.py): ends with an error saying where to resume."""
+        try:
+            async with contextlib.aclosing(self.watches.stream(request)) as responses:
+                async for response in responses:
+                    yield response
+        except KVError as exc:
+            raise to_connect_error(exc) from None
+        except Exception:
+            log.exception("unexpected error", extra={"method": "Watch"})
+            raise ConnectError(
+                Code.INTERNAL, "internal error; the server log has the details"
+            ) from None

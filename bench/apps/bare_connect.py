@@ -12,7 +12,7 @@ from typing import Any
 from connectrpc.request import RequestContext
 
 from bench.dataset import HOT_KEY, HOT_VALUE
-from kvservice.v1.kv_connect import KVStoreASGIApplication
+from kvservice.v1.kv_connect import KVStore, KVStoreASGIApplication
 from kvservice.v1.kv_pb2 import (
     DeleteRequest,
     DeleteResponse,
@@ -26,8 +26,8 @@ from kvservice.v1.kv_pb2 import (
 DATA: dict[str, tuple[bytes, int]] = {HOT_KEY: (HOT_VALUE, 1)}
 
 
-class DictKVStore:
-    """A KVStore whose Get is one dict lookup."""
+class DictKVStore(KVStore):
+    """A KVStore whose Get is one dict lookup (the other RPCs answer unimplemented)."""
 
     async def get(self, request: GetRequest, ctx: RequestContext[Any, Any]) -> GetResponse:
         found = DATA.get(request.key)

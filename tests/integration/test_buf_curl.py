@@ -89,3 +89,34 @@ def test_buf_curl_data_model_methods(server: ServerProcess) -> None:
         assert json.loads(done.stdout) == expected, method
     done = buf_curl(f"{kv}/Set", '{"key":"presence:alice","value":"","ifRevision":"1"}')
     assert json.loads(done.stderr)["code"] == "aborted"
+
+
+def test_buf_curl_watch_streams_json_messages(server: ServerProcess) -> None:
+    """buf curl prints each Watch message as JSON: the backlog event, then the progress mark."""
+    assert buf_curl(f"{server.url}/kvservice.v1.KVStore/Set", '{"key":"room:1","value":"aGk="}')
+    argv = [str(BUF), "curl", "--schema", "proto", "--protocol", "connect",
+            "--data", '{"prefix":"room:","startRevision":"1"}',
+            f"{server.url}/kvservice.v1.KVStore/Watch"]  # fmt: skip
+    # A watch never ends by itself: read its first two messages, then stop this child.
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=REPO) as watch:
+        assert watch.stdout is not None
+        decoder, text, messages = json.JSONDecoder(), "", []
+        while len(messages) < 2 and (line := watch.stdout.readline()):
+            text += line
+            try:
+                message, end = decoder.raw_decode(text.strip())
+            except ValueError:
+                continue
+            messages.append(message)
+            text = text.strip()[end:]
+        watch.kill()
+    assert messages == [
+        {"events": [{"type": "EVENT_TYPE_SET", "key": "room:1", "value": "aGk=", "revision": "1"}]},
+        {"progressRevision": "1"},
+    ]
+
+
+def test_buf_curl_watch_without_a_target_is_invalid_argument(server: ServerProcess) -> None:
+    done = buf_curl(f"{server.url}/kvservice.v1.KVStore/Watch", "{}")
+    assert done.returncode != 0
+    assert json.loads(done.stderr)["code"] == "invalid_argument"

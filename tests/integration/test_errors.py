@@ -96,7 +96,7 @@ BAD_REQUESTS: dict[str, Bad] = {
         f"{KV}/Set", b"key=k", headers={"content-type": "text/plain"}, status=415, code=None
     ),
     "no content type": Bad(f"{KV}/Set", b'{"key":"k"}', headers={}, status=415, code=None),
-    "unknown method": Bad(f"{KV}/Increment", b'{"key":"k"}', status=404, code=None),
+    "unknown method": Bad(f"{KV}/Frobnicate", b'{"key":"k"}', status=404, code=None),
     "unknown service": Bad("/kvservice.v9.Other/Set", b'{"key":"k"}', status=404, code=None),
     "unsupported Connect protocol version": Bad(
         f"{KV}/Set",
