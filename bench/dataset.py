@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
-from kvservice.engine import HEADER, SET
+from kvservice.engine import SET, pack
 from kvservice.storage import record
 from kvservice.storage.segments import segment_name
 from kvservice.storage.snapshot import write_snapshot
@@ -58,17 +58,29 @@ def etcd_body(method: str) -> bytes:
 # -- kvservice data dirs ------------------------------------------------------------
 
 
-def build_snapshot_dir(data_dir: Path, keys: int) -> int:
+def build_snapshot_dir(
+    data_dir: Path, keys: int, expiry: Callable[[int], int] | None = None
+) -> int:
     """Write a kvservice data dir holding `keys` keys as one snapshot; return its revision.
 
-    Key i was last written at revision i + 1, as if loaded by `keys` Sets in order.
+    Key i was last written at revision i + 1, as if loaded by `keys` Sets in order;
+    with `expiry`, key i carries the expiry `expiry(i)` (Unix ms), as if Set with a TTL.
     """
+    if expiry is None:
+        data = {key(i): pack(i + 1, value(i)) for i in range(keys)}
+    else:
+        data = {key(i): pack(i + 1, value(i), expiry(i)) for i in range(keys)}
+    return write_data_dir(data_dir, data)
+
+
+def write_data_dir(data_dir: Path, data: dict[str, bytes]) -> int:
+    """Write a data dir whose one snapshot holds `data` (key -> stored bytes, whose
+    revisions must not exceed len(data)); return the snapshot's revision."""
     snap_dir = data_dir / "snap"
     snap_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "wal").mkdir(exist_ok=True)
-    data = {key(i): HEADER.pack(i + 1) + value(i) for i in range(keys)}
-    write_snapshot(snap_dir, data, keys)
-    return keys
+    write_snapshot(snap_dir, data, len(data))
+    return len(data)
 
 
 def write_wal_tail(data_dir: Path, after_revision: int, records: int, keys: int) -> Path:
@@ -88,15 +100,26 @@ def write_wal_tail(data_dir: Path, after_revision: int, records: int, keys: int)
 # -- redis ----------------------------------------------------------------------------------
 
 
-def resp_sets(keys: int) -> Iterator[bytes]:
-    """SET commands in the Redis protocol, for `redis-cli --pipe`."""
+def resp_set(k: bytes, v: bytes, px_ms: int = 0) -> bytes:
+    """One SET in the Redis protocol; with `px_ms`, `SET k v PX px_ms` (a TTL)."""
+    if not px_ms:
+        return b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(k), k, len(v), v)
+    ttl = b"%d" % px_ms
+    return b"*5\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$2\r\nPX\r\n$%d\r\n%s\r\n" % (
+        len(k), k, len(v), v, len(ttl), ttl,
+    )  # fmt: skip
+
+
+def resp_sets(keys: int, ttl_ms: Callable[[int], int] | None = None) -> Iterator[bytes]:
+    """SET commands in the Redis protocol, for `redis-cli --pipe`; with `ttl_ms`,
+    key i is set with the TTL `ttl_ms(i)` (PX)."""
     for i in range(keys):
-        k, v = key(i).encode(), value(i)
-        yield b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(k), k, len(v), v)
+        yield resp_set(key(i).encode(), value(i), ttl_ms(i) if ttl_ms else 0)
 
 
-def write_resp_file(path: Path, keys: int) -> Path:
+def write_resp_file(path: Path, keys: int, commands: Iterable[bytes] | None = None) -> Path:
+    """The protocol stream of `commands` (default: resp_sets(keys)) in a file."""
     with open(path, "wb") as out:
-        for command in resp_sets(keys):
+        for command in resp_sets(keys) if commands is None else commands:
             out.write(command)
     return path

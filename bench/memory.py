@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class RedisMemory:
         return (self.rss_after - self.rss_before) / self.keys
 
 
-def _settled_rss(server: Server) -> int:
+def settled_rss(server: Server) -> int:
     """RSS after one served Get, so both servers have run their request path once."""
     http_post(server.url(KV_PATH + "Get"), dataset.kv_body("Get", "json"), CONNECT_JSON)
     return rss_bytes(server.pid)
@@ -69,12 +70,12 @@ def measure_kvservice(work: Path, data_dir: Path, keys: int) -> KvMemory:
     """RSS of an empty node and of one that recovered `data_dir` (`keys` keys)."""
     empty = start_kvservice(work, "kvservice-empty", work / "kv-empty")
     try:
-        empty_rss = _settled_rss(empty)
+        empty_rss = settled_rss(empty)
     finally:
         empty.stop()
     loaded = start_kvservice(work, "kvservice-loaded", data_dir)
     try:
-        loaded_rss = _settled_rss(loaded)
+        loaded_rss = settled_rss(loaded)
         peak = peak_rss_bytes(loaded.pid)
     finally:
         loaded.stop()
@@ -94,13 +95,15 @@ def dict_floor_per_key(keys: int) -> float:
     return float(json.loads(done.stdout)["per_key"])
 
 
-def measure_redis(work: Path, keys: int) -> tuple[RedisMemory, Server]:
-    """Load `keys` keys with `redis-cli --pipe`; return the figures and the running
-    server (the recovery case saves its RDB next)."""
-    redis = start_redis(work, "redis-memory")
+def measure_redis(
+    work: Path, keys: int, commands: Iterable[bytes] | None = None, name: str = "redis-memory"
+) -> tuple[RedisMemory, Server]:
+    """Load `keys` keys with `redis-cli --pipe` (`commands`, default the bench's SETs);
+    return the figures and the running server (the recovery case saves its RDB next)."""
+    redis = start_redis(work, name)
     try:
         before = redis_info(redis.port, "memory")
-        resp = dataset.write_resp_file(work / "sets.resp", keys)
+        resp = dataset.write_resp_file(work / f"{name}.resp", keys, commands)
         argv = ["redis-cli", "-h", "127.0.0.1", "-p", str(redis.port), "--pipe"]
         done = run_measured(argv, timeout=300, stdin_path=resp)
         resp.unlink()

@@ -5,6 +5,7 @@
     python -m bench.run --only snapshot,gc   # bench/results/snapshot-gc.md (opt-in cases)
     python -m bench.run --only replication   # bench/results/replication.md alone (~4 min)
     python -m bench.run --only watch         # bench/results/watch.md (~3 min; bench/watch.py)
+    python -m bench.run --only datamodel     # bench/results/datamodel.md alone (~5 min)
     python -m bench.run --only snapshot --compare-repo ../after   # before/after side by side
     python -m bench.run --only kv-get,kv-set-json-always,kv-set-proto-always \
         --kvservice-repo ../before --compare-repo ../after        # hot path before/after
@@ -30,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import (
+    datamodel,
     dataset,
     gclatency,
     gcserve,
@@ -55,8 +57,9 @@ DEFAULT_OUT = REPO / "bench" / "results"
 # Cases with a results file of their own, run when --only names them: snapshot and gc
 # (snapshot-gc.md; not in the full run, they add minutes), and replication
 # (bench/replication.py -> replication.md; about 4 minutes, also in the full run), and
-# watch (bench/watch.py -> watch.md; about 3 minutes, not in the full run).
-OPT_IN = ("snapshot", "gc", "replication", "watch")
+# watch (bench/watch.py -> watch.md; about 3 minutes) and datamodel
+# (bench/datamodel.py -> datamodel.md; about 5 minutes): not in the full run.
+OPT_IN = ("snapshot", "gc", "replication", "watch", "datamodel")
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         help="comma-separated parts of case keys to run (e.g. kv-set,redis, or memory); "
         "writes partial.md; `snapshot` and `gc` (not in the full run) write snapshot-gc.md, "
-        "`replication` (also in the full run) replication.md, `watch` watch.md",
+        "`replication` (also in the full run) replication.md, `watch` watch.md,"
+        " `datamodel` datamodel.md",
     )
     parser.add_argument(
         "--kvservice-repo",
@@ -183,8 +187,8 @@ def prepare_tools(plan: Plan) -> list[str]:
     """Install what is missing if allowed; return what is still missing. The opt-in
     cases alone need only wrk (the peers are for the cases of issue 4)."""
     commands = None if plan.standard else ["wrk"]
-    if commands is not None and (plan.opted("replication") or plan.opted("watch")):
-        commands += ["redis-server", "redis-cli"]  # the full resync's peer; pub/sub
+    if commands is not None and any(plan.opted(c) for c in ("replication", "watch", "datamodel")):
+        commands += ["redis-server", "redis-cli"]  # full resync, pub/sub and memory peer
     return tools.install_missing(commands) if plan.install else tools.missing(commands)
 
 
@@ -307,7 +311,16 @@ def run(plan: Plan, out: Path) -> list[Path]:
     if plan.opted("watch"):
         target = out / ("watch-smoke.md" if plan.smoke else "watch.md")
         paths.append(watch.run(watch.Plan.make(plan.smoke), target))
+    if plan.opted("datamodel"):
+        paths.append(run_datamodel(plan, out))
     return paths
+
+
+def run_datamodel(plan: Plan, out: Path) -> Path:
+    """bench/datamodel.py, all of it -> datamodel.md (smoke: datamodel-smoke.md)."""
+    target = out / ("datamodel-smoke.md" if plan.smoke else "datamodel.md")
+    command = shlex.join(["python", "-m", "bench.run", *sys.argv[1:]])
+    return datamodel.run(datamodel.Plan.make(plan.smoke), set(datamodel.PARTS), target, command)
 
 
 def run_replication(plan: Plan, out: Path) -> Path:

@@ -114,10 +114,12 @@ def start_kvservice(
     *,
     repo: Path = REPO,
     launcher: Sequence[str] = ("-m", "kvservice"),
+    extra: Sequence[str] = (),
 ) -> Server:
-    """Start a node of `repo`'s kvservice and wait until /readyz says it has recovered."""
+    """Start a node of `repo`'s kvservice and wait until /readyz says it has recovered;
+    `extra` flags follow the harness's (e.g. `--compression zstd`)."""
     port = free_port()
-    argv = kvservice_argv(port, data_dir, fsync, launcher)
+    argv = [*kvservice_argv(port, data_dir, fsync, launcher), *extra]
     child = Child(name, argv, work / f"{name}.log", cwd=repo, env=repo_env(repo))
     server = Server(name, child.start(), port)
     return await_ready(server, "/readyz 200", lambda: http_ok(server.url("/readyz")))

@@ -107,3 +107,47 @@ def test_python_load_generator_drives_a_server(tmp_path: Path) -> None:
     assert result.requests > 100
     assert result.errors == 0
     assert result.server_cpu > 0
+
+
+@pytest.fixture(scope="module")
+def datamodel_smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench-datamodel")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--only", "datamodel", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=170, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, (out / "datamodel-smoke.md").read_text()
+
+
+@pytest.mark.timeout(200)
+def test_datamodel_smoke_writes_its_own_file_with_every_part(
+    datamodel_smoke: tuple[Path, str],
+) -> None:
+    """`--only datamodel` writes datamodel-smoke.md alone, with the three parts of issue 10."""
+    out, text = datamodel_smoke
+    assert sorted(p.name for p in out.iterdir()) == ["datamodel-smoke.md"]
+    for part in ("## 1. Memory per key with a TTL", "## 2. Compression", "## 3. Request cost"):
+        assert part in text
+    target = next(line for line in text.splitlines() if line.startswith("Target: a key with"))
+    assert "**met**" in target or "**MISSED**" in target
+
+
+@pytest.mark.timeout(200)
+def test_datamodel_smoke_measures_every_case(datamodel_smoke: tuple[Path, str]) -> None:
+    """Every memory variant and every request case has a positive figure."""
+    _, text = datamodel_smoke
+    for label in ("no TTL", "TTL, expiries over 1 h", "TTL, expiries over 24 h"):
+        assert re.search(rf"^\| kvservice RSS growth, {re.escape(label)} \| [\d,.]+ \|", text, re.M)
+    for label in ("compression none", "zstd, min 512 B (default)"):
+        assert re.search(rf"^\| kvservice, {re.escape(label)} \| \*\*[\d,]+\*\* \|", text, re.M)
+    cases = (
+        "Set, compression none", "Set, compression zstd", "Get, compression none",
+        "Get, compression zstd", "Increment, JSON", "Increment, proto",
+        "Txn, 1 condition + Set + Increment, proto", "Txn, 10 Sets of 100 B, JSON",
+    )  # fmt: skip
+    for label in cases:
+        row = re.search(rf"^\| {re.escape(label)} \| ([\d,]+) \(", text, re.M)
+        assert row is not None, f"no row for {label}"
+        assert int(row.group(1).replace(",", "")) > 0
+    assert "requests failed" not in text
