@@ -83,6 +83,11 @@ class Settings(BaseSettings):
         description="most WAL bytes kept behind the snapshots for consumers that still need"
         " them (replicas, watch streams); past it the oldest segments go and they resync",
     )  # fmt: skip
+    scan_max_bytes: int = Field(
+        4 * MiB, ge=1 * KiB, le=64 * MiB,
+        description="a Scan page ends before its keys and values pass this many bytes"
+        " (a page always holds at least one key)",
+    )  # fmt: skip
     log_level: LogLevel = Field("info", description="lowest level logged")
     log_format: LogFormat = Field("json", description="json lines, or text for people")
     access_log: bool = Field(False, description="log every request")
@@ -273,7 +278,7 @@ class Settings(BaseSettings):
         "min_revision_max_wait_ms", "wait_replicas_max_wait_ms", "min_replicas",
         "min_replicas_max_lag_seconds", "watch_max_streams", "watch_buffer_events",
         "watch_buffer_bytes", "watch_batch_max_events", "watch_batch_max_bytes",
-        "watch_progress_seconds", "watch_stall_seconds", mode="before",
+        "watch_progress_seconds", "watch_stall_seconds", "scan_max_bytes", mode="before",
     )  # fmt: skip
     @classmethod
     def _no_booleans_as_numbers(cls, value: object) -> object:

@@ -42,6 +42,7 @@ from xxhash import xxh3_64_intdigest
 
 from kvservice import values
 from kvservice.errors import RevisionGap
+from kvservice.keyindex import KeyIndex
 from kvservice.v1.log_pb2 import LogEntry
 
 HEADER: Final = struct.Struct(">Q")
@@ -206,6 +207,7 @@ class Store:
         self.digest = 0
         self.clock = clock
         self.expiry = ExpiryWheel()
+        self.key_index = KeyIndex(self.data)  # sorted keys, for Scan (built on the first)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -274,6 +276,7 @@ class Store:
             )
         elif operation == DELETE:
             old = self.data.pop(key, None)
+            self.key_index.discard(key)
             return 0 if old is None else _term(key.encode(), old)
         elif operation == TOUCH:
             before = self.data.get(key)
@@ -286,6 +289,8 @@ class Store:
         key_bytes = key.encode()
         old = self.data.get(key)
         self.data[key] = stored
+        if old is None:
+            self.key_index.add(key)
         if entry.expires_at_ms:
             self.expiry.add(key, entry.expires_at_ms, self.clock())
         change = _term(key_bytes, stored)
@@ -294,6 +299,7 @@ class Store:
     def load(self, data: dict[str, bytes], revision: int, digest: int | None = None) -> None:
         """Take over a snapshot's dict (key -> stored bytes) and digest."""
         self.data = data
+        self.key_index.rebuild(data)
         self.revision = revision
         self.digest = digest_of(data.items()) if digest is None else digest
         self.expiry = ExpiryWheel()

@@ -42,6 +42,7 @@ from kvservice.errors import (
 )
 from kvservice.node import Node
 from kvservice.replication.manager import ReplicationManager
+from kvservice.scan import ScanLimits, read_page
 from kvservice.storage.backup import backup_stream
 from kvservice.v1.admin_pb2 import (
     BackupRequest,
@@ -71,6 +72,8 @@ from kvservice.v1.kv_pb2 import (
     IncrementResponse,
     MGetRequest,
     MGetResponse,
+    ScanRequest,
+    ScanResponse,
     SetRequest,
     SetResponse,
     TouchRequest,
@@ -293,6 +296,9 @@ class KVStoreService:
         self.watches = watches or WatchHub(node, replication.settings)
         self.max_wait = replication.settings.min_revision_max_wait_ms / 1000
         self.max_replica_wait = replication.settings.wait_replicas_max_wait_ms / 1000
+        self.scan_limits = ScanLimits(
+            replication.settings.scan_max_bytes, node.limits.max_key_bytes
+        )
 
     @connect_errors
     async def get(self, request: GetRequest, ctx: RequestContext[Any, Any]) -> GetResponse:
@@ -395,12 +401,12 @@ class KVStoreService:
                 f" of the {wanted} replicas asked for acknowledged it within {wait * 1000:.0f} ms"
             )
 
-    # Declared in kv.proto, being built (issue 10): until then they answer
-    # `unimplemented`, as an undeclared method would.
-    async def _not_yet(self, request: Any, ctx: RequestContext[Any, Any]) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, f"{ctx.method().name} is not implemented yet")
-
-    scan = _not_yet
+    @connect_errors
+    async def scan(self, request: ScanRequest, ctx: RequestContext[Any, Any]) -> ScanResponse:
+        if request.min_revision > self.node.store.revision:
+            await self._wait_for(request.min_revision, ctx)
+        # No await from here on: the whole page is read at one revision.
+        return read_page(self.node.store, request, self.scan_limits)
 
     async def watch(
         self, request: WatchRequest, ctx: RequestContext[Any, Any]

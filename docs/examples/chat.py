@@ -20,6 +20,7 @@ from kvservice.v1.kv_pb2 import (
     IncrementRequest,
     MGetRequest,
     Op,
+    ScanRequest,
     SetRequest,
     TouchRequest,
     TxnRequest,
@@ -116,6 +117,19 @@ def join_room(kv: KVStoreClientSync, room: str, user: str) -> bool:
     return reply.succeeded
 
 
+def room_members(kv: KVStoreClientSync, room: str) -> list[str]:
+    """Every member, page by page (keys only: the values are not needed)."""
+    prefix = f"room:{room}:member:"
+    request = ScanRequest(prefix=prefix, keys_only=True, limit=1000)
+    members = []
+    while True:
+        page = kv.scan(request)
+        members += [item.key.removeprefix(prefix) for item in page.items]
+        if not page.next_start_after:
+            return members
+        request.start_after = page.next_start_after
+
+
 def main(url: str) -> None:
     with KVStoreClientSync(url) as kv:
         go_online(kv, "alice", "phone")
@@ -124,6 +138,8 @@ def main(url: str) -> None:
         typing(kv, "general", "alice")
         kv.set(SetRequest(key="room:general:meta", value=b'{"title":"General"}'))
         print("joined:", join_room(kv, "general", "alice"), join_room(kv, "nowhere", "alice"))
+        join_room(kv, "general", "bob")
+        print("members:", room_members(kv, "general"))
         seq = new_message(kv, "general", "alice", ["alice", "bob", "carol"])
         print("message", seq, "bob unread:", unread(kv, "bob", "general"))
         mark_read(kv, "bob", "general")

@@ -22,6 +22,7 @@ def test_chat_example_runs(server: ServerProcess) -> None:
     assert done.stdout.splitlines() == [
         "online: {'alice': True, 'bob': False}",
         "joined: True False",
+        "members: ['alice', 'bob']",
         "message 1 bob unread: 1",
         "session created: True again: False",
     ]
