@@ -23,9 +23,11 @@ from kvservice.v1.kv_pb2 import (
     IncrementRequest,
     MGetRequest,
     Op,
+    ScanRequest,
     SetRequest,
     TouchRequest,
     TxnRequest,
+    WatchRequest,
 )
 from tests.integration.conftest import ServerProcess, free_port
 from tests.securitykit import AUDIENCE, ISSUER, JwtKeys, tampered, write_tokens
@@ -118,7 +120,16 @@ MATRIX: dict[str, tuple[Code | None, ...]] = {
     "jwt_alg_confusion":  (UNAUTH, UNAUTH, UNAUTH, UNAUTH, OK),
 }  # fmt: skip
 RPCS = ("Get", "Set", "Delete", "Snapshot", "Health")
+# The data-model RPCs need the role of the column named: reads as Get, writes as Set.
+LIKE = {"MGet": "Get", "Scan": "Get", "Watch": "Get", "Touch": "Set", "Increment": "Set",
+        "Txn": "Set"}  # fmt: skip
 CELLS = [(cred, rpc, codes[i]) for cred, codes in MATRIX.items() for i, rpc in enumerate(RPCS)]
+CELLS += [
+    (cred, rpc, codes[RPCS.index(like)])
+    for cred, codes in MATRIX.items()
+    for rpc, like in LIKE.items()
+]
+COUNTER_ALICE = "user:alice:unread"
 
 
 def _headers(token: str | None) -> dict[str, str]:
@@ -136,9 +147,36 @@ def _root_set(server: ServerProcess, key: str, value: bytes) -> None:
         kv.set(SetRequest(key=key, value=value), headers=_headers(ROOT))
 
 
+def _state(server: ServerProcess) -> list[tuple[bool, bytes, int, int]]:
+    """What a refused request must leave alone: Alice's keys, expiries included."""
+    with server.client() as kv:
+        items = kv.m_get(MGetRequest(keys=[KEY_ALICE, COUNTER_ALICE]), headers=_headers(ROOT))
+    return [(i.found, i.value, i.revision, i.expires_at_ms) for i in items.items]
+
+
+def _call_data_model(server: ServerProcess, rpc: str, headers: dict[str, str]) -> None:
+    with server.client() as kv:
+        if rpc == "MGet":
+            kv.m_get(MGetRequest(keys=[KEY_ALICE]), headers=headers)
+        elif rpc == "Scan":
+            kv.scan(ScanRequest(prefix="user:alice:"), headers=headers)
+        elif rpc == "Watch":
+            for _ in kv.watch(WatchRequest(key=KEY_ALICE), headers=headers):
+                break  # the first (progress) message: the watch is in place
+        elif rpc == "Touch":
+            kv.touch(TouchRequest(key=KEY_ALICE, ttl_ms=3_600_000), headers=headers)
+        elif rpc == "Increment":
+            kv.increment(IncrementRequest(key=COUNTER_ALICE, delta=1), headers=headers)
+        else:
+            txn = TxnRequest(success=[Op(set=SetRequest(key=KEY_ALICE, value=b"txn"))])
+            kv.txn(txn, headers=headers)
+
+
 def _call(server: ServerProcess, rpc: str, token: str | None, key: str, value: bytes) -> None:
     headers = _headers(token)
-    if rpc in ("Get", "Set", "Delete"):
+    if rpc in LIKE:
+        _call_data_model(server, rpc, headers)
+    elif rpc in ("Get", "Set", "Delete"):
         with server.client() as kv:
             if rpc == "Get":
                 kv.get(GetRequest(key=key), headers=headers)
@@ -165,6 +203,7 @@ def test_matrix_cell(node: Node, cred: str, rpc: str, expected: Code | None) -> 
     key = KEY_ALICE
     before = f"before-{cred}-{rpc}".encode()
     _root_set(server, key, before)
+    state = _state(server)
     snapshots = _snapshots(server.data_dir)
     code, message = None, ""
     try:
@@ -178,6 +217,7 @@ def test_matrix_cell(node: Node, cred: str, rpc: str, expected: Code | None) -> 
         assert "lacks" in message or "outside" in message, message
     if expected is not None:
         assert _root_get(server, key) == before, "a refused request changed the key"
+        assert _state(server) == state, "a refused request changed a key or an expiry"
         assert _snapshots(server.data_dir) == snapshots, "a refused snapshot ran"
 
 
