@@ -33,7 +33,7 @@ from bench.servers import REPO, Server, await_ready
 from kvservice.app import create_app
 from kvservice.config import load
 from kvservice.metrics import Metrics
-from kvservice.node import Node as KVNode
+from kvservice.server import build_node, build_replication
 from kvservice.storage.recovery import recover
 from tests.securitykit import Pki
 
@@ -235,7 +235,11 @@ def micro(n: int = 2_000) -> None:
             for name, (flags, token) in cases.items():
                 data_dir = work / f"{name}-{round_}"
                 settings = load({"data_dir": str(data_dir), "fsync": "no", **flags})
-                app = create_app(KVNode(settings, recover(data_dir), Metrics()))
+                metrics = Metrics()
+                node = build_node(settings, recover(data_dir), metrics)
+                app = create_app(
+                    node, settings, metrics, build_replication(settings, node, metrics)
+                )
                 headers = [(b"content-type", JSON.encode()), (b"host", b"x")]
                 if token:
                     headers.append((b"authorization", f"Bearer {token}".encode()))
