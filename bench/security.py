@@ -94,6 +94,10 @@ def nodes(work: Path) -> list[Node]:
         start(work, "plain", [], None, tls=False),
         # A second plain node: its ratio to the first is the noise floor of the run.
         start(work, "plain-again", [], None, tls=False),
+        # A plain node loaded with the same Authorization header as the auth cases
+        # (ignored: auth is off): what the header costs wrk's script and the HTTP
+        # parser, so that auth's own cost is the ratio to this one.
+        start(work, "plain-header", [], TOKEN, tls=False),
         start(work, "tokens", [*auth, "--tokens-file", str(tokens)], TOKEN, tls=False),
         start(
             work,
