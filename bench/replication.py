@@ -25,6 +25,11 @@
    keys on loopback: time and peak RSS of both nodes.
 Every section reports the CPU the rest of the machine took meanwhile.
 Results: bench/results/replication.md (smoke: replication-smoke.md).
+
+Before/after: `--compare-repo AFTER [--kvservice-repo BEFORE] --lag-rate N` runs
+the lag part (replicas at fsync=always) against both checkouts in alternating
+rounds at the same paced rate and reports after/before ratios; with `--only lag`
+and `--lag-rate`, nothing else runs.
 """
 
 from __future__ import annotations
@@ -464,11 +469,10 @@ def lag(plan: Plan, work: Path, out: Results, max_rate: float) -> None:
             "= the same Get(minRevision) with nothing to wait for, on an idle replica after the "
             "run. Load Set latency counts from when each request was due. Other CPU = the rest "
             "of the machine (this probe included). A replica answers a push only once its "
-            "entries are durable (`await self.node.wal.sync()` in ReplicaSide.push), and the "
-            "primary keeps one push in flight per replica (Sender._send awaits the answer). "
-            "So an entry committed while a push is out waits for that push's replica fsync "
-            "before it is even sent; the fsync=no row shows the lag without that "
-            "wait.")  # fmt: skip
+            "entries are durable; the primary keeps up to PUSH_WINDOW (3) pushes in flight "
+            "per replica, so an entry committed while a push is out is sent without waiting "
+            "for that push's replica fsync unless the window is full; the fsync=no row shows "
+            "the lag with no replica fsync at all.")  # fmt: skip
     out.add("")
     out.figures["lag_p50_ms"] = _pct(runs[0].waits, 0.5)
     out.figures["lag_p99_ms"] = _pct(runs[0].waits, 0.99)
