@@ -14,9 +14,9 @@ are in flight (each continues where the one before ends, without waiting for
 its answer); a failure or refusal of any of them ends the session, and the
 next one resumes from where the replica really is (its probe says). While a
 session runs, the replica holds the WAL it still needs (retention), so a
-transfer under load completes in one attempt. Failures are retried with tenacity: exponential
-backoff with jitter, capped at repl_retry_max_seconds, reset once a session
-made progress; every retry is logged and counted.
+transfer under load completes in one attempt. Failures are retried with
+tenacity: exponential backoff with jitter, capped at repl_retry_max_seconds,
+reset once a session made progress; every retry is logged and counted.
 """
 
 from __future__ import annotations
@@ -62,11 +62,12 @@ log = logging.getLogger("kvservice.primary")
 # Pushes are small and quick; a snapshot's last piece makes the replica load it.
 PUSH_TIMEOUT_MS = 10_000
 INSTALL_TIMEOUT_MS = 600_000
-# Pushes in flight per replica. One would make every entry committed while a push is
-# out wait for its whole round trip, the replica's fsync included (most of the lag at
-# a few thousand writes/s); a second and third let the replica apply the next batch
-# while the previous one's fsync runs (group commit covers both). More would only
-# make smaller batches, i.e. more pushes for the same entries: CPU on both sides.
+# Pushes in flight per replica. With one, every entry committed while a push is out
+# waits for its whole round trip, the replica's fsync included (most of the lag at a
+# few thousand writes/s); with a second and third the replica applies the next
+# batches while the previous one's fsync runs (its group commit covers them all). A
+# larger window mostly means more, smaller pushes for the same entries (the sender
+# stops batching only while the window is full): more CPU on both sides.
 PUSH_WINDOW = 3
 
 
