@@ -64,10 +64,12 @@ PUSH_TIMEOUT_MS = 10_000
 INSTALL_TIMEOUT_MS = 600_000
 # Pushes in flight per replica. With one, every entry committed while a push is out
 # waits for its whole round trip, the replica's fsync included (most of the lag at a
-# few thousand writes/s); with a second and third the replica applies the next
-# batches while the previous one's fsync runs (its group commit covers them all). A
-# larger window mostly means more, smaller pushes for the same entries (the sender
-# stops batching only while the window is full): more CPU on both sides.
+# few thousand writes/s); with more, the replica applies the next batches while the
+# previous one's fsync runs (its group commit covers them all). Once more than one is
+# allowed, the sender ships each group commit of the primary as it becomes durable,
+# so the push rate (the CPU cost) hardly depends on the window, which only bounds how
+# long a slow fsync or answer can hold the stream: 3 measured better than 2 for the
+# same CPU (bench/results/replication.md).
 PUSH_WINDOW = 3
 
 
