@@ -11,12 +11,14 @@ the WAL still reaches back, else a full resync (the newest snapshot file,
 streamed in pieces, then the entries after it) -> stream live entries from
 the commit feed, with a heartbeat push when idle. Up to PUSH_WINDOW pushes
 are in flight (each continues where the one before ends, without waiting for
-its answer); a failure or refusal of any of them ends the session, and the
-next one resumes from where the replica really is (its probe says). While a
-session runs, the replica holds the WAL it still needs (retention), so a
-transfer under load completes in one attempt. Failures are retried with
-tenacity: exponential backoff with jitter, capped at repl_retry_max_seconds,
-reset once a session made progress; every retry is logged and counted.
+its answer); while some are, new entries wait a few milliseconds to share a
+push (each costs the primary CPU whatever it carries). A failure or refusal
+of any of them ends the session, and the next one resumes from where the
+replica really is (its probe says). While a session runs, the replica holds
+the WAL it still needs (retention), so a transfer under load completes in one
+attempt. Failures are retried with tenacity: exponential backoff with jitter,
+capped at repl_retry_max_seconds, reset once a session made progress; every
+retry is logged and counted.
 """
 
 from __future__ import annotations
@@ -65,12 +67,20 @@ INSTALL_TIMEOUT_MS = 600_000
 # Pushes in flight per replica. With one, every entry committed while a push is out
 # waits for its whole round trip, the replica's fsync included (most of the lag at a
 # few thousand writes/s); with more, the replica applies the next batches while the
-# previous one's fsync runs (its group commit covers them all). Once more than one is
-# allowed, the sender ships each group commit of the primary as it becomes durable,
-# so the push rate (the CPU cost) hardly depends on the window, which only bounds how
-# long a slow fsync or answer can hold the stream: 3 measured better than 2 for the
+# previous one's fsync runs (its group commit covers them all). The window only bounds
+# how long a slow fsync or answer can hold the stream: 3 measured better than 2 for the
 # same CPU (bench/results/replication.md).
 PUSH_WINDOW = 3
+# Each push costs the primary ~350-450 us of CPU whatever it carries (connect-python,
+# asyncio, the HTTP client), so a push while others are in flight must be worth it:
+# sent at once only when nothing is in flight (as with a window of one); otherwise once
+# the entries waiting reach COALESCE_ENTRIES or COALESCE_BYTES, or the oldest of them
+# has waited COALESCE_SECONDS. 5 ms: a push per replica at most every 5 ms beyond the
+# round-trip-paced ones (<= 200/s, ~0.08 cores for two replicas at the worst), while an
+# entry waits at most 5 ms of the 25 ms lag budget (bench/results/replication.md).
+COALESCE_SECONDS = 0.005
+COALESCE_ENTRIES = 256
+COALESCE_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -303,10 +313,67 @@ class Sender:
             batch = await self._next_entries(subscription)
             if batch:
                 self._note_behind(batch[-1].revision)
+                batch = await self._coalesce(subscription, batch)
             else:
                 await self._settle_all()  # a heartbeat continues what the replica holds
             for part in _by_bytes(batch, self.batch_bytes) if batch else [[]]:
                 await self._send(part)
+
+    async def _coalesce(
+        self, subscription: Subscription, batch: list[Committed]
+    ) -> list[Committed]:
+        """`batch` and the entries that came after it, once worth a push of their own:
+        at once when no push is in flight, else when big enough or COALESCE_SECONDS
+        after the first of them came (see COALESCE_SECONDS)."""
+        deadline = time.monotonic() + COALESCE_SECONDS
+        size = sum(len(item.record) for item in batch)
+        enough = min(COALESCE_ENTRIES, self.batch_entries)
+        while self._pushes_out() and len(batch) < enough and size < COALESCE_BYTES:
+            if time.monotonic() >= deadline or self._failed():
+                break  # (a failed push: the next _send raises at it)
+            more = await self._entries_or_answer(
+                subscription, self.batch_entries - len(batch), deadline
+            )
+            if more:
+                self._note_behind(more[-1].revision)
+                batch.extend(more)
+                size += sum(len(item.record) for item in more)
+        return batch
+
+    def _failed(self) -> bool:
+        return self._trouble is not None and self._trouble.done()
+
+    def _pushes_out(self) -> bool:
+        """Whether pushes are still in flight, once the answers already in are checked
+        (raises like _check at a push that failed or was refused)."""
+        self._settle_answered()
+        return bool(self._in_flight)
+
+    async def _entries_or_answer(
+        self, subscription: Subscription, most: int, deadline: float
+    ) -> list[Committed]:
+        """New entries (up to `most`), or [] once the oldest push in flight was answered,
+        a push failed, or the `deadline` (time.monotonic()) passed."""
+        more = subscription.get_nowait(most)
+        if more:
+            return more
+        trouble = self._trouble
+        assert trouble is not None, "streaming outside a session"
+        getter = asyncio.ensure_future(subscription.get(most))
+        try:
+            await asyncio.wait(
+                (getter, self._in_flight[0].answer, trouble),
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if not getter.done():
+                getter.cancel()  # (before it took anything: it only waits)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await getter
+        if getter.done() and not getter.cancelled():
+            return getter.result()  # (raises FeedOverflow or ShuttingDown)
+        return []
 
     async def _next_entries(self, subscription: Subscription) -> list[Committed]:
         """The next entries from the feed, or [] once none came for a heartbeat interval;
