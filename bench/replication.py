@@ -503,8 +503,9 @@ def lag_compare(plan: Plan, work: Path, out: Results, rate: float, sides: list[C
     out.add("")
     out.add("| checkout | lag p50 ms (all waits) | lag p99 ms (all waits) | lag max ms | waits "
             "| p99 per round, median (min-max) | load answered / due | CPU cores: primary, "
-            "replicas | primary CPU s / 1000 writes | other CPU, median (min-max) |")  # fmt: skip
-    out.add("|---|---|---|---|---|---|---|---|---|---|")
+            "replicas | primary CPU s / 1000 writes | replica fsyncs/s (~ pushes/s), median "
+            "| other CPU, median (min-max) |")  # fmt: skip
+    out.add("|---|---|---|---|---|---|---|---|---|---|---|")
     pooled: dict[str, list[float]] = {}
     for side in sides:
         rounds = runs[side.label]
@@ -513,11 +514,13 @@ def lag_compare(plan: Plan, work: Path, out: Results, rate: float, sides: list[C
         other = summarize([r.other_cpu for r in rounds])
         primary_cpu = statistics.median(r.cpu[0] for r in rounds)
         replicas_cpu = statistics.median(r.cpu[1] + r.cpu[2] for r in rounds)
+        # (A replica fsyncs once per push, or once per several pipelined ones.)
+        replica_fsyncs = statistics.median(per_s for r in rounds for per_s, _ in r.fsyncs[1:])
         out.add(f"| {side.label} | {_pct(waits, 0.5):.2f} | **{_pct(waits, 0.99):.2f}** | "
                 f"{max(waits) * 1000:.2f} | {len(waits):,} | {p99s.median:.2f} ({p99s.low:.2f}-"
                 f"{p99s.high:.2f}) | {sum(r.served for r in rounds):,} / "
                 f"{sum(r.due for r in rounds):,} | {primary_cpu:.2f}, {replicas_cpu:.2f} | "
-                f"{primary_cpu / rate * 1000:.4f} | "
+                f"{primary_cpu / rate * 1000:.4f} | {replica_fsyncs:,.0f} | "
                 f"{other.median:.2f} ({other.low:.2f}-{other.high:.2f}) |")  # fmt: skip
     before, after = (pooled[side.label] for side in sides)
     cpu = [statistics.median(r.cpu[0] for r in runs[side.label]) for side in sides]

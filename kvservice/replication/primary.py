@@ -72,12 +72,13 @@ INSTALL_TIMEOUT_MS = 600_000
 # same CPU (bench/results/replication.md).
 PUSH_WINDOW = 3
 # Each push costs the primary ~350-450 us of CPU whatever it carries (connect-python,
-# asyncio, the HTTP client), so a push while others are in flight must be worth it:
-# sent at once only when nothing is in flight (as with a window of one); otherwise once
-# the entries waiting reach COALESCE_ENTRIES or COALESCE_BYTES, or the oldest of them
-# has waited COALESCE_SECONDS. 5 ms: a push per replica at most every 5 ms beyond the
-# round-trip-paced ones (<= 200/s, ~0.08 cores for two replicas at the worst), while an
-# entry waits at most 5 ms of the 25 ms lag budget (bench/results/replication.md).
+# asyncio, the HTTP client), so a push while others are in flight must be worth it.
+# It goes at once when nothing is in flight (as with a window of one) or the entries
+# waiting reach COALESCE_ENTRIES or COALESCE_BYTES; otherwise when the oldest push is
+# answered or COALESCE_SECONDS passed. So pushes are paced by answers, plus at most one
+# per COALESCE_SECONDS while the answers are slow: 5 ms caps those at 200/s per replica
+# (~0.16 cores for two, only at round trips over 5 ms) and costs an entry at most 5 ms
+# of the 25 ms lag budget (bench/results/replication.md).
 COALESCE_SECONDS = 0.005
 COALESCE_ENTRIES = 256
 COALESCE_BYTES = 256 << 10
@@ -322,26 +323,19 @@ class Sender:
     async def _coalesce(
         self, subscription: Subscription, batch: list[Committed]
     ) -> list[Committed]:
-        """`batch` and the entries that came after it, once worth a push of their own:
-        at once when no push is in flight, else when big enough or COALESCE_SECONDS
-        after the first of them came (see COALESCE_SECONDS)."""
-        deadline = time.monotonic() + COALESCE_SECONDS
-        size = sum(len(item.record) for item in batch)
+        """`batch` and the entries that came after it, once worth a push of their own: at
+        once when no push is in flight or `batch` is big, else when the oldest push in
+        flight is answered or COALESCE_SECONDS passed, whichever comes first. (The feed is
+        not watched meanwhile: one wake-up per push, not one per group commit.)"""
         enough = min(COALESCE_ENTRIES, self.batch_entries)
-        while self._pushes_out() and len(batch) < enough and size < COALESCE_BYTES:
-            if time.monotonic() >= deadline or self._failed():
-                break  # (a failed push: the next _send raises at it)
-            more = await self._entries_or_answer(
-                subscription, self.batch_entries - len(batch), deadline
-            )
-            if more:
-                self._note_behind(more[-1].revision)
-                batch.extend(more)
-                size += sum(len(item.record) for item in more)
-        return batch
-
-    def _failed(self) -> bool:
-        return self._trouble is not None and self._trouble.done()
+        size = sum(len(item.record) for item in batch)
+        if len(batch) >= enough or size >= COALESCE_BYTES or not self._pushes_out():
+            return batch
+        await self._answer_or_failure(COALESCE_SECONDS)
+        more = subscription.get_nowait(self.batch_entries - len(batch))
+        if more:
+            self._note_behind(more[-1].revision)
+        return batch + more
 
     def _pushes_out(self) -> bool:
         """Whether pushes are still in flight, once the answers already in are checked
@@ -349,31 +343,15 @@ class Sender:
         self._settle_answered()
         return bool(self._in_flight)
 
-    async def _entries_or_answer(
-        self, subscription: Subscription, most: int, deadline: float
-    ) -> list[Committed]:
-        """New entries (up to `most`), or [] once the oldest push in flight was answered,
-        a push failed, or the `deadline` (time.monotonic()) passed."""
-        more = subscription.get_nowait(most)
-        if more:
-            return more
+    async def _answer_or_failure(self, seconds: float) -> None:
+        """Wait up to `seconds` for the oldest push in flight to be answered or any to fail."""
         trouble = self._trouble
         assert trouble is not None, "streaming outside a session"
-        getter = asyncio.ensure_future(subscription.get(most))
-        try:
-            await asyncio.wait(
-                (getter, self._in_flight[0].answer, trouble),
-                timeout=max(0.0, deadline - time.monotonic()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            if not getter.done():
-                getter.cancel()  # (before it took anything: it only waits)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await getter
-        if getter.done() and not getter.cancelled():
-            return getter.result()  # (raises FeedOverflow or ShuttingDown)
-        return []
+        await asyncio.wait(
+            (self._in_flight[0].answer, trouble),
+            timeout=seconds,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
 
     async def _next_entries(self, subscription: Subscription) -> list[Committed]:
         """The next entries from the feed, or [] once none came for a heartbeat interval;
