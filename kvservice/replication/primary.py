@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from connectrpc.errors import ConnectError
 from tenacity import (
@@ -74,12 +74,14 @@ PUSH_WINDOW = 3
 # Each push costs the primary ~350-450 us of CPU whatever it carries (connect-python,
 # asyncio, the HTTP client), so a push while others are in flight must be worth it.
 # It goes at once when nothing is in flight (as with a window of one) or the entries
-# waiting reach COALESCE_ENTRIES or COALESCE_BYTES; otherwise when the oldest push is
-# answered or COALESCE_SECONDS passed. So pushes are paced by answers, plus at most one
-# per COALESCE_SECONDS while the answers are slow: 5 ms caps those at 200/s per replica
-# (~0.16 cores for two, only at round trips over 5 ms) and costs an entry at most 5 ms
-# of the 25 ms lag budget (bench/results/replication.md).
-COALESCE_SECONDS = 0.005
+# waiting reach COALESCE_ENTRIES or COALESCE_BYTES; otherwise once every push out is
+# answered or COALESCE_SECONDS passed. So pushes are paced by round trips (as with a
+# window of one), plus at most one per COALESCE_SECONDS while round trips are slow.
+# 10 ms: that caps the extra pushes at 100/s per replica, about what a window of one
+# sends at the maximum write rate (~12 ms round trips), so the CPU per write stays near
+# it, while an entry waits at most 10 ms of the 25 ms lag budget instead of a whole slow
+# round trip (bench/results/replication.md, 2026-11-28 17:40).
+COALESCE_SECONDS = 0.010
 COALESCE_ENTRIES = 256
 COALESCE_BYTES = 256 << 10
 
@@ -324,18 +326,23 @@ class Sender:
         self, subscription: Subscription, batch: list[Committed]
     ) -> list[Committed]:
         """`batch` and the entries that came after it, once worth a push of their own: at
-        once when no push is in flight or `batch` is big, else when the oldest push in
-        flight is answered or COALESCE_SECONDS passed, whichever comes first. (The feed is
-        not watched meanwhile: one wake-up per push, not one per group commit.)"""
+        once when no push is in flight or `batch` is big, else once every push in flight
+        is answered or COALESCE_SECONDS passed, whichever comes first. (The feed is not
+        watched meanwhile: a wake-up per answer, not one per group commit.)"""
         enough = min(COALESCE_ENTRIES, self.batch_entries)
-        size = sum(len(item.record) for item in batch)
-        if len(batch) >= enough or size >= COALESCE_BYTES or not self._pushes_out():
+        if len(batch) >= enough or sum(len(item.record) for item in batch) >= COALESCE_BYTES:
             return batch
-        await self._answer_or_failure(COALESCE_SECONDS)
+        deadline = time.monotonic() + COALESCE_SECONDS
+        while self._pushes_out() and not self._failed() and time.monotonic() < deadline:
+            await self._next_answer_or_failure(deadline)
         more = subscription.get_nowait(self.batch_entries - len(batch))
         if more:
             self._note_behind(more[-1].revision)
         return batch + more
+
+    def _failed(self) -> bool:
+        """Whether a push of this session failed or was refused (the next _send raises)."""
+        return self._trouble is not None and self._trouble.done()
 
     def _pushes_out(self) -> bool:
         """Whether pushes are still in flight, once the answers already in are checked
@@ -343,15 +350,19 @@ class Sender:
         self._settle_answered()
         return bool(self._in_flight)
 
-    async def _answer_or_failure(self, seconds: float) -> None:
-        """Wait up to `seconds` for the oldest push in flight to be answered or any to fail."""
+    async def _next_answer_or_failure(self, deadline: float) -> None:
+        """Wait until a push in flight is answered, one fails, or `deadline` (monotonic)."""
         trouble = self._trouble
         assert trouble is not None, "streaming outside a session"
-        await asyncio.wait(
-            (self._in_flight[0].answer, trouble),
-            timeout=seconds,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        waiting: list[asyncio.Future[Any]] = [
+            push.answer for push in self._in_flight if not push.answer.done()
+        ]
+        if waiting:  # (else the answers are in, but an older one only now: settled next)
+            await asyncio.wait(
+                [*waiting, trouble],
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
 
     async def _next_entries(self, subscription: Subscription) -> list[Committed]:
         """The next entries from the feed, or [] once none came for a heartbeat interval;
