@@ -470,9 +470,9 @@ def lag(plan: Plan, work: Path, out: Results, max_rate: float) -> None:
             "run. Load Set latency counts from when each request was due. Other CPU = the rest "
             "of the machine (this probe included). A replica answers a push only once its "
             "entries are durable; the primary keeps up to PUSH_WINDOW (3) pushes in flight "
-            "per replica, so an entry committed while a push is out is sent without waiting "
-            "for that push's replica fsync unless the window is full; the fsync=no row shows "
-            "the lag with no replica fsync at all.")  # fmt: skip
+            "per replica, and an entry committed while pushes are out waits until they are "
+            "all answered or COALESCE_SECONDS (10 ms) pass; the fsync=no row shows the lag "
+            "with no replica fsync at all.")  # fmt: skip
     out.add("")
     out.figures["lag_p50_ms"] = _pct(runs[0].waits, 0.5)
     out.figures["lag_p99_ms"] = _pct(runs[0].waits, 0.99)
