@@ -25,6 +25,11 @@
    keys on loopback: time and peak RSS of both nodes.
 Every section reports the CPU the rest of the machine took meanwhile.
 Results: bench/results/replication.md (smoke: replication-smoke.md).
+
+Before/after: `--compare-repo AFTER [--kvservice-repo BEFORE] --lag-rate N` runs
+the lag part (replicas at fsync=always) against both checkouts in alternating
+rounds at the same paced rate and reports after/before ratios; with `--only lag`
+and `--lag-rate`, nothing else runs.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ from bench.procs import (
     peak_rss_bytes,
     rss_bytes,
 )
-from bench.servers import REPO, Server, await_ready, kvservice_argv
+from bench.servers import REPO, Server, await_ready, kvservice_argv, kvservice_origin, repo_env
+from bench.stats import summarize
 from bench.throughput import wal_counters
 from kvservice.v1.admin_connect import AdminClient
 from kvservice.v1.admin_pb2 import ReplicationStatusRequest
@@ -100,10 +106,13 @@ class Results:
 # -- nodes ---------------------------------------------------------------------------------
 
 
-def start_node(work: Path, name: str, data_dir: Path, *extra: str, port: int = 0) -> Server:
+def start_node(
+    work: Path, name: str, data_dir: Path, *extra: str, port: int = 0, repo: Path = REPO
+) -> Server:
+    """A node of `repo`'s kvservice (this checkout unless comparing), fsync=always."""
     port = port or free_port()
     argv = [*kvservice_argv(port, data_dir, "always"), "--log-format", "text", *extra]
-    child = Child(name, argv, work / f"{name}.log", cwd=REPO).start()
+    child = Child(name, argv, work / f"{name}.log", cwd=repo, env=repo_env(repo)).start()
     server = Server(name, child, port)
     return await_ready(server, "/healthz", lambda: http_ok(server.url("/healthz")))
 
@@ -364,13 +373,15 @@ class LagRun:
     fsyncs: list[tuple[float, float]]  # per node: fsyncs per second, mean ms
 
 
-def _lag_run(plan: Plan, work: Path, rate: float, replica_fsync: str) -> LagRun:
-    tag = f"lag-{replica_fsync}"
-    primary = start_node(work, f"{tag}-p", work / f"{tag}-p")
+def _lag_run(
+    plan: Plan, work: Path, rate: float, replica_fsync: str, *, repo: Path = REPO, tag: str = ""
+) -> LagRun:
+    tag = tag or f"lag-{replica_fsync}"
+    primary = start_node(work, f"{tag}-p", work / f"{tag}-p", repo=repo)
     # A later --fsync overrides the harness's default "always" (argparse: last one wins).
     replicas = [
         start_node(work, f"{tag}-r{i}", work / f"{tag}-r{i}-data", "--role", "replica",
-                   "--primary-url", primary.url(), "--fsync", replica_fsync)
+                   "--primary-url", primary.url(), "--fsync", replica_fsync, repo=repo)
         for i in (1, 2)
     ]  # fmt: skip
     nodes = (primary, *replicas)
@@ -419,11 +430,16 @@ def _lag_run(plan: Plan, work: Path, rate: float, replica_fsync: str) -> LagRun:
     )
 
 
+def lag_rate(out: Results, max_rate: float) -> float:
+    """Half the primary's maximum write rate with two replicas attached (when measured)."""
+    return out.figures.get("max_write_rate_two", max_rate) / 2
+
+
 def lag(plan: Plan, work: Path, out: Results, max_rate: float) -> None:
     """The target run (replicas at fsync=always), then the same with the replicas at
     fsync=no: a diagnostic of how much of the lag is the replicas' fsync."""
-    max_rate = out.figures.get("max_write_rate_two", max_rate)
-    rate = max_rate / 2
+    rate = lag_rate(out, max_rate)
+    max_rate = rate * 2
     runs = [_lag_run(plan, work, rate, fsync) for fsync in ("always", "no")]
     out.add("## 2. Replication lag at half the primary's maximum write rate")
     out.add("")
@@ -453,14 +469,68 @@ def lag(plan: Plan, work: Path, out: Results, max_rate: float) -> None:
             "= the same Get(minRevision) with nothing to wait for, on an idle replica after the "
             "run. Load Set latency counts from when each request was due. Other CPU = the rest "
             "of the machine (this probe included). A replica answers a push only once its "
-            "entries are durable (`await self.node.wal.sync()` in ReplicaSide.push), and the "
-            "primary keeps one push in flight per replica (Sender._send awaits the answer). "
-            "So an entry committed while a push is out waits for that push's replica fsync "
-            "before it is even sent; the fsync=no row shows the lag without that "
-            "wait.")  # fmt: skip
+            "entries are durable; the primary keeps up to PUSH_WINDOW (3) pushes in flight "
+            "per replica, and an entry committed while pushes are out waits until they are "
+            "all answered or COALESCE_SECONDS (10 ms) pass; the fsync=no row shows the lag "
+            "with no replica fsync at all.")  # fmt: skip
     out.add("")
     out.figures["lag_p50_ms"] = _pct(runs[0].waits, 0.5)
     out.figures["lag_p99_ms"] = _pct(runs[0].waits, 0.99)
+
+
+@dataclass(frozen=True)
+class Checkout:
+    label: str  # "before" or "after"
+    repo: Path
+
+
+def lag_compare(plan: Plan, work: Path, out: Results, rate: float, sides: list[Checkout]) -> None:
+    """Lag of two checkouts at the same paced rate, replicas at fsync=always, in
+    alternating rounds (so both see the same machine, noise included)."""
+    runs: dict[str, list[LagRun]] = {side.label: [] for side in sides}
+    for i in range(plan.rounds):
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            tag = f"lag-{side.label}-{i}"
+            runs[side.label].append(_lag_run(plan, work, rate, "always", repo=side.repo, tag=tag))
+    out.add("## 2. Replication lag, before/after, at the same paced rate")
+    out.add("")
+    out.add(f"Load: `bench.rateload` Sets on the primary (fsync=always) at {rate:,.0f}/s, "
+            f"{LAG_CONNECTIONS} connections, random keys of 50,000, {plan.lag_seconds + 1} s "
+            f"per round; {plan.rounds} alternating rounds per checkout, replicas at "
+            f"fsync=always. Probe as in the full run (every {PROBE_INTERVAL * 1000:.0f} ms one "
+            "Set on the primary, then `Get(minRevision)` on both replicas from its ack). "
+            + "; ".join(f"{side.label} = `{side.repo}`" for side in sides) + ".")  # fmt: skip
+    out.add("")
+    out.add("| checkout | lag p50 ms (all waits) | lag p99 ms (all waits) | lag max ms | waits "
+            "| p99 per round, median (min-max) | load answered / due | CPU cores: primary, "
+            "replicas | primary CPU s / 1000 writes | replica fsyncs/s (~ pushes/s), median "
+            "| other CPU, median (min-max) |")  # fmt: skip
+    out.add("|---|---|---|---|---|---|---|---|---|---|---|")
+    pooled: dict[str, list[float]] = {}
+    for side in sides:
+        rounds = runs[side.label]
+        waits = pooled[side.label] = [w for r in rounds for w in r.waits]
+        p99s = summarize([_pct(r.waits, 0.99) for r in rounds])
+        other = summarize([r.other_cpu for r in rounds])
+        primary_cpu = statistics.median(r.cpu[0] for r in rounds)
+        replicas_cpu = statistics.median(r.cpu[1] + r.cpu[2] for r in rounds)
+        # (A replica fsyncs once per push, or once per several pipelined ones.)
+        replica_fsyncs = statistics.median(per_s for r in rounds for per_s, _ in r.fsyncs[1:])
+        out.add(f"| {side.label} | {_pct(waits, 0.5):.2f} | **{_pct(waits, 0.99):.2f}** | "
+                f"{max(waits) * 1000:.2f} | {len(waits):,} | {p99s.median:.2f} ({p99s.low:.2f}-"
+                f"{p99s.high:.2f}) | {sum(r.served for r in rounds):,} / "
+                f"{sum(r.due for r in rounds):,} | {primary_cpu:.2f}, {replicas_cpu:.2f} | "
+                f"{primary_cpu / rate * 1000:.4f} | {replica_fsyncs:,.0f} | "
+                f"{other.median:.2f} ({other.low:.2f}-{other.high:.2f}) |")  # fmt: skip
+    before, after = (pooled[side.label] for side in sides)
+    cpu = [statistics.median(r.cpu[0] for r in runs[side.label]) for side in sides]
+    out.add("")
+    out.add(f"**Ratio after/before: p50 {_pct(after, 0.5) / _pct(before, 0.5):.2f}x, "
+            f"p99 {_pct(after, 0.99) / _pct(before, 0.99):.2f}x** (target: p99 <= 25 ms); "
+            f"primary CPU at this rate {cpu[1] / cpu[0]:.2f}x.")  # fmt: skip
+    out.add("")
+    out.figures["lag_p50_ms"] = _pct(after, 0.5)
+    out.figures["lag_p99_ms"] = _pct(after, 0.99)
 
 
 # -- 3: catch-up -------------------------------------------------------------------------------
@@ -697,9 +767,19 @@ def full_resync(plan: Plan, work: Path, out: Results) -> None:
 PARTS = ("cpu", "lag", "catchup", "resync")
 
 
-def run(plan: Plan, wanted: set[str], target: Path, command: str) -> Path:
+def run(
+    plan: Plan,
+    wanted: set[str],
+    target: Path,
+    command: str,
+    *,
+    compare: list[Checkout] | None = None,
+    fixed_lag_rate: float = 0.0,
+) -> Path:
     """Measure the `wanted` PARTS and write the results file `target`; `command` is how
-    the run was started (quoted in the file)."""
+    the run was started (quoted in the file). With `compare` (before, after), the lag
+    part compares the two checkouts instead; `fixed_lag_rate` replaces half the
+    measured maximum rate there."""
     out = Results()
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     out.add(f"# Replication benchmarks ({'smoke' if plan.smoke else 'full'} run, {stamp})")
@@ -712,9 +792,13 @@ def run(plan: Plan, wanted: set[str], target: Path, command: str) -> Path:
     with tempfile.TemporaryDirectory(prefix="kvs-repl-bench-") as tmp:
         work = Path(tmp)
         max_rate = 0.0
-        if wanted & {"cpu", "lag", "catchup"}:
+        if wanted & {"cpu", "catchup"} or ("lag" in wanted and not fixed_lag_rate):
             max_rate = cpu_per_write(plan, work, out)
-        if "lag" in wanted:
+        if "lag" in wanted and compare:
+            lag_compare(plan, work, out, fixed_lag_rate or lag_rate(out, max_rate), compare)
+        elif "lag" in wanted:
+            if fixed_lag_rate:
+                out.figures["max_write_rate_two"] = 2 * fixed_lag_rate
             lag(plan, work, out, max_rate)
         if "catchup" in wanted:
             catch_up(plan, work, out, max_rate)
@@ -731,6 +815,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny counts, seconds")
     parser.add_argument("--only", default="", help=f"comma-separated: {','.join(PARTS)}")
     parser.add_argument("--out", type=Path, default=None, help="results file")
+    parser.add_argument(
+        "--kvservice-repo",
+        type=Path,
+        default=REPO,
+        help="with --compare-repo: the 'before' checkout (default: this one)",
+    )
+    parser.add_argument(
+        "--compare-repo",
+        type=Path,
+        default=None,
+        help="the 'after' checkout: the lag part compares it with "
+        "--kvservice-repo in alternating rounds",
+    )
+    parser.add_argument(
+        "--lag-rate",
+        type=float,
+        default=0.0,
+        help="writes/s for the lag part (default: half the measured maximum "
+        "with two replicas, which needs the cpu part)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     plan = Plan.make(args.smoke)
@@ -739,7 +843,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--only: unknown {', '.join(sorted(wanted - set(PARTS)))}")
     command = "python -m bench.replication" + " ".join(["", *(argv or sys.argv[1:])])
     target = args.out or OUT / ("replication-smoke.md" if plan.smoke else "replication.md")
-    print(f"results: {run(plan, wanted, target, command)}")
+    compare = None
+    if args.compare_repo is not None:
+        compare = [Checkout("before", args.kvservice_repo), Checkout("after", args.compare_repo)]
+        for side in compare:
+            kvservice_origin(side.repo)  # refuses a checkout that would import another's code
+    written = run(plan, wanted, target, command, compare=compare, fixed_lag_rate=args.lag_rate)
+    print(f"results: {written}")
     return 0
 
 

@@ -9,11 +9,16 @@ A session: probe the replica (an empty push answers its history and
 position) -> partial resync from the backlog when the history matches and
 the WAL still reaches back, else a full resync (the newest snapshot file,
 streamed in pieces, then the entries after it) -> stream live entries from
-the commit feed, with a heartbeat push when idle. While a session runs, the
-replica holds the WAL it still needs (retention), so a transfer under load
-completes in one attempt. Failures are retried with tenacity: exponential
-backoff with jitter, capped at repl_retry_max_seconds, reset once a session
-made progress; every retry is logged and counted.
+the commit feed, with a heartbeat push when idle. Up to PUSH_WINDOW pushes
+are in flight (each continues where the one before ends, without waiting for
+its answer); while some are, new entries wait a few milliseconds to share a
+push (each costs the primary CPU whatever it carries). A failure or refusal
+of any of them ends the session, and the next one resumes from where the
+replica really is (its probe says). While a session runs, the replica holds
+the WAL it still needs (retention), so a transfer under load completes in one
+attempt. Failures are retried with tenacity: exponential backoff with jitter,
+capped at repl_retry_max_seconds, reset once a session made progress; every
+retry is logged and counted.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from connectrpc.errors import ConnectError
 from tenacity import (
@@ -58,6 +64,34 @@ log = logging.getLogger("kvservice.primary")
 # Pushes are small and quick; a snapshot's last piece makes the replica load it.
 PUSH_TIMEOUT_MS = 10_000
 INSTALL_TIMEOUT_MS = 600_000
+# Pushes in flight per replica. With one, every entry committed while a push is out
+# waits for its whole round trip, the replica's fsync included (most of the lag at a
+# few thousand writes/s); with more, the replica applies the next batches while the
+# previous one's fsync runs (its group commit covers them all). The window only bounds
+# how long a slow fsync or answer can hold the stream: 3 measured better than 2 for the
+# same CPU (bench/results/replication.md).
+PUSH_WINDOW = 3
+# Each push costs the primary ~350-450 us of CPU whatever it carries (connect-python,
+# asyncio, the HTTP client), so a push while others are in flight must be worth it.
+# It goes at once when nothing is in flight (as with a window of one) or the entries
+# waiting reach COALESCE_ENTRIES or COALESCE_BYTES; otherwise once every push out is
+# answered or COALESCE_SECONDS passed. So pushes are paced by round trips (as with a
+# window of one), plus at most one per COALESCE_SECONDS while round trips are slow.
+# 10 ms: that caps the extra pushes at 100/s per replica, about what a window of one
+# sends at the maximum write rate (~12 ms round trips), so the CPU per write stays near
+# it, while an entry waits at most 10 ms of the 25 ms lag budget instead of a whole slow
+# round trip (bench/results/replication.md, 2026-11-28 17:40).
+COALESCE_SECONDS = 0.010
+COALESCE_ENTRIES = 256
+COALESCE_BYTES = 256 << 10
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A push sent and not yet checked."""
+
+    answer: asyncio.Task[PushResponse]
+    carries_entries: bool
 
 
 class LinkError(Exception):
@@ -81,6 +115,7 @@ class Sender:
         self.retry_max = settings.repl_retry_max_seconds
         self.state = "connecting"
         self.position = 0  # the replica's last applied revision, as last reported
+        self.sent = 0  # the last revision sent to it (pushes in flight included)
         self.acked = 0  # the replica's durable revision, as last reported
         self.last_error = ""
         self.full_resyncs = 0
@@ -92,6 +127,10 @@ class Sender:
         # its lag in seconds is the age of the first one above `acked`.
         self._durable_at: collections.deque[tuple[int, float]] = collections.deque()
         self._progressed = False
+        self._in_flight: collections.deque[InFlight] = collections.deque()
+        # Set (per session) when a push in flight failed or was refused: the stream
+        # stops waiting for entries and ends the session.
+        self._trouble: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
         self._headers = manager.peers.headers
@@ -156,6 +195,7 @@ class Sender:
             log.warning("replica link lost; reconnecting",
                         extra={"replica": self.url, "error": self.last_error})  # fmt: skip
         finally:
+            await self._abandon_in_flight()
             self._release()
 
     def wake(self) -> None:
@@ -221,6 +261,8 @@ class Sender:
             self.partial_resyncs += 1
             log.info("partial resync", extra={"replica": self.url, "from_revision": self.position})
         self._set_state("streaming")
+        self.sent = self.position
+        self._trouble = asyncio.get_running_loop().create_future()
         await self._stream(reader)
 
     def _same_history(self, probe: PushResponse) -> bool:
@@ -255,12 +297,13 @@ class Sender:
             except FeedOverflow:
                 log.info("replica fell behind the feed; reading the backlog",
                          extra={"replica": self.url, "revision": self.position})  # fmt: skip
-                reader = await asyncio.to_thread(BacklogReader, self.node.wal.dir, self.position)
+                # (After what was sent: the pushes in flight carry the rest.)
+                reader = await asyncio.to_thread(BacklogReader, self.node.wal.dir, self.sent)
             finally:
                 subscription.close()
 
     async def _catch_up(self, reader: BacklogReader, until: int) -> None:
-        while self.position < until:
+        while self.sent < until:
             batch = await asyncio.to_thread(
                 reader.read, until, max_entries=self.batch_entries, max_bytes=self.batch_bytes
             )
@@ -270,23 +313,128 @@ class Sender:
 
     async def _follow(self, subscription: Subscription) -> None:
         while True:
-            try:
-                batch = await asyncio.wait_for(
-                    subscription.get(self.batch_entries), timeout=self.heartbeat
-                )
-            except TimeoutError:
-                batch = []
+            batch = await self._next_entries(subscription)
             if batch:
                 self._note_behind(batch[-1].revision)
+                batch = await self._coalesce(subscription, batch)
+            else:
+                await self._settle_all()  # a heartbeat continues what the replica holds
             for part in _by_bytes(batch, self.batch_bytes) if batch else [[]]:
                 await self._send(part)
 
+    async def _coalesce(
+        self, subscription: Subscription, batch: list[Committed]
+    ) -> list[Committed]:
+        """`batch` and the entries that came after it, once worth a push of their own: at
+        once when no push is in flight or `batch` is big, else once every push in flight
+        is answered or COALESCE_SECONDS passed, whichever comes first. (The feed is not
+        watched meanwhile: a wake-up per answer, not one per group commit.)"""
+        enough = min(COALESCE_ENTRIES, self.batch_entries)
+        if len(batch) >= enough or sum(len(item.record) for item in batch) >= COALESCE_BYTES:
+            return batch
+        deadline = time.monotonic() + COALESCE_SECONDS
+        while self._pushes_out() and not self._failed() and time.monotonic() < deadline:
+            await self._next_answer_or_failure(deadline)
+        more = subscription.get_nowait(self.batch_entries - len(batch))
+        if more:
+            self._note_behind(more[-1].revision)
+        return batch + more
+
+    def _failed(self) -> bool:
+        """Whether a push of this session failed or was refused (the next _send raises)."""
+        return self._trouble is not None and self._trouble.done()
+
+    def _pushes_out(self) -> bool:
+        """Whether pushes are still in flight, once the answers already in are checked
+        (raises like _check at a push that failed or was refused)."""
+        self._settle_answered()
+        return bool(self._in_flight)
+
+    async def _next_answer_or_failure(self, deadline: float) -> None:
+        """Wait until a push in flight is answered, one fails, or `deadline` (monotonic)."""
+        trouble = self._trouble
+        assert trouble is not None, "streaming outside a session"
+        waiting: list[asyncio.Future[Any]] = [
+            push.answer for push in self._in_flight if not push.answer.done()
+        ]
+        if waiting:  # (else the answers are in, but an older one only now: settled next)
+            await asyncio.wait(
+                [*waiting, trouble],
+                timeout=max(0.0, deadline - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+
+    async def _next_entries(self, subscription: Subscription) -> list[Committed]:
+        """The next entries from the feed, or [] once none came for a heartbeat interval;
+        raises as soon as a push in flight failed (the session is over)."""
+        trouble = self._trouble
+        assert trouble is not None, "streaming outside a session"
+        if not trouble.done():
+            batch = subscription.get_nowait(self.batch_entries)
+            if batch:  # (under load, usually: no task, no timer)
+                return batch
+            getter = asyncio.ensure_future(subscription.get(self.batch_entries))
+            try:
+                await asyncio.wait(
+                    (getter, trouble), timeout=self.heartbeat, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                if not getter.done():
+                    getter.cancel()  # (before it took anything: it only waits)
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await getter
+            if getter.done() and not getter.cancelled():
+                return getter.result()  # (raises FeedOverflow or ShuttingDown)
+        if trouble.done():
+            await self._settle_all()  # raises at the push that failed
+        return []
+
     async def _send(self, batch: list[Committed]) -> None:
-        reply = await self._push(self.position, [item.record for item in batch],
-                                 self._digest_for(batch))  # fmt: skip
+        """Push `batch` after what was sent before, without waiting for the answers to
+        earlier pushes (up to PUSH_WINDOW in flight)."""
+        self._settle_answered()
+        while len(self._in_flight) >= PUSH_WINDOW:
+            await self._settle_oldest()
+        records = [item.record for item in batch]
+        answer = asyncio.create_task(self._push(self.sent, records, self._digest_for(batch)))
+        trouble = self._trouble
+        if trouble is not None:
+            answer.add_done_callback(lambda done: _signal_failure(done, trouble))
+        self._in_flight.append(InFlight(answer, bool(batch)))
+        if batch:
+            self.sent = batch[-1].revision
+
+    def _settle_answered(self) -> None:
+        """Check the answers already in, oldest first (raises like _check)."""
+        while self._in_flight and self._in_flight[0].answer.done():
+            push = self._in_flight.popleft()
+            self._check(push.answer.result(), push.carries_entries)
+
+    async def _settle_oldest(self) -> None:
+        push = self._in_flight[0]
+        reply = await push.answer
+        self._in_flight.popleft()
+        self._check(reply, push.carries_entries)
+
+    async def _settle_all(self) -> None:
+        while self._in_flight:
+            await self._settle_oldest()
+
+    async def _abandon_in_flight(self) -> None:
+        """The session ended: stop waiting for the answers still out."""
+        pushes = [push.answer for push in self._in_flight]
+        self._in_flight.clear()
+        for answer in pushes:
+            answer.cancel()
+        if pushes:
+            await asyncio.wait(pushes)
+        self._trouble = None
+
+    def _check(self, reply: PushResponse, carried_entries: bool) -> None:
+        """Act on a push's answer: raise LinkError unless it was applied."""
         if reply.result == PushResult.PUSH_RESULT_OK:
-            self.position = reply.revision
-            if batch:
+            self.position = max(self.position, reply.revision)
+            if carried_entries:
                 self._progressed = True  # data went through: a later failure retries at once
             return
         if reply.result == PushResult.PUSH_RESULT_POSITION_MISMATCH:
@@ -305,7 +453,7 @@ class Sender:
             last = batch[-1]
             return (last.revision, last.digest) if last.digest is not None else None
         store = self.node.store
-        if store.revision == self.position == self.node.wal.durable_revision:
+        if store.revision == self.sent == self.node.wal.durable_revision:
             return store.revision, store.digest
         return None
 
@@ -427,6 +575,13 @@ def _by_bytes(batch: list[Committed], limit: int) -> list[list[Committed]]:
         parts[-1].append(item)
         size += len(item.record)
     return parts
+
+
+def _signal_failure(answer: asyncio.Task[PushResponse], trouble: asyncio.Future[None]) -> None:
+    """A push's answer came (or it failed): wake the session when it was not applied."""
+    failed = answer.cancelled() or answer.exception() is not None
+    if (failed or answer.result().result != PushResult.PUSH_RESULT_OK) and not trouble.done():
+        trouble.set_result(None)
 
 
 def _describe(exc: BaseException) -> str:

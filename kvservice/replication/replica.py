@@ -5,7 +5,10 @@ log exactly — same history (replication id), `prev_revision` equal to the
 last applied revision — or nothing is applied and the answer says where the
 replica is, so a duplicate or reordered batch is never applied twice. Applied
 entries go to the replica's own WAL with the primary's revisions and are
-acknowledged once durable per the replica's own fsync policy.
+acknowledged once durable per the replica's own fsync policy. The primary keeps
+a few pushes in flight: one that arrives before the push it continues waits
+briefly for it, and the fsync is awaited outside the lock, so the next push is
+applied while the previous one's fsync runs.
 
 A full resync streams a snapshot file in pieces into `resync/`; the replica
 keeps serving its old data until the file is complete, verified and staged,
@@ -51,8 +54,11 @@ from kvservice.v1.replication_pb2 import (
 if TYPE_CHECKING:
     from kvservice.node import Node
     from kvservice.replication.manager import ReplicationManager
+    from kvservice.storage.wal import Wal
 
 log = logging.getLogger("kvservice.replica")
+# How long a push waits for the one it continues (reordered on the way: milliseconds).
+PREDECESSOR_WAIT_SECONDS = 1.0
 
 # Give the node a new WAL, feed and snapshotter around an installed store, started.
 Rebuild = Callable[[Store], None]
@@ -130,31 +136,61 @@ class ReplicaSide:
     # -- pushes -------------------------------------------------------------------
 
     async def push(self, request: PushRequest) -> PushResponse:
+        if request.records:
+            await self._await_predecessor(request)
         async with self.lock:
-            if self._closing or self.broken:  # the role changed meanwhile, or a switch failed
-                return self._answer(
-                    PushResult.PUSH_RESULT_REFUSED,
-                    self.broken or "this node is no longer a replica",
-                )
-            refused = await self._not_applicable(request)
-            if refused is not None:
-                return refused
-            await self._adopt(request.primary)
-            if request.records:
-                try:
-                    self.node.apply_replicated(list(request.records))
-                except (RevisionGap, ReplicationRefused) as exc:
-                    return self._answer(PushResult.PUSH_RESULT_REFUSED, str(exc))
-                await self.node.wal.sync()
-            self._note_position()
-            self.state = "streaming"
-            self.last_error = ""
-            if not self.needs_full_resync:
-                self.manager.force_next_sync = False  # following normally again
-            store = self.node.store
-            if request.digest_revision == store.revision and store.digest != request.digest:
-                return self._digest_mismatch(request)
-            return self._answer(PushResult.PUSH_RESULT_OK, "")
+            answer = await self._apply(request)
+            wal = self.node.wal
+        if answer.result == PushResult.PUSH_RESULT_OK and request.records:
+            return await self._when_durable(answer, wal)
+        return answer
+
+    async def _when_durable(self, answer: PushResponse, wal: Wal) -> PushResponse:
+        """`answer` once what the push appended to `wal` is durable. Awaited outside the
+        lock: the next push is applied while this one's fsync runs, and group commit
+        makes both durable together."""
+        if wal is not self.node.wal:  # a full resync replaced the log meanwhile
+            return self._answer(
+                PushResult.PUSH_RESULT_POSITION_MISMATCH, "a full resync replaced the log"
+            )
+        await wal.sync()
+        answer.durable_revision = wal.durable_revision
+        return answer
+
+    async def _await_predecessor(self, request: PushRequest) -> None:
+        """The primary keeps several pushes in flight, each on its own connection, so
+        one can arrive before the push it continues: give that one time to be applied.
+        (Bounded: a predecessor that was lost never comes, and the push is then
+        answered with this replica's position, as any out-of-order push is.)"""
+        same_history = request.primary.replication_id == self.manager.state.replication_id
+        if same_history and request.prev_revision > self.node.store.revision:
+            await self.node.wait_for_revision(request.prev_revision, PREDECESSOR_WAIT_SECONDS)
+
+    async def _apply(self, request: PushRequest) -> PushResponse:
+        """Apply the push if it continues this replica's log (not yet durable); the answer."""
+        if self._closing or self.broken:  # the role changed meanwhile, or a switch failed
+            return self._answer(
+                PushResult.PUSH_RESULT_REFUSED, self.broken or "this node is no longer a replica"
+            )
+        refused = await self._not_applicable(request)
+        if refused is not None:
+            return refused
+        await self._adopt(request.primary)
+        if request.records:
+            try:
+                self.node.apply_replicated(list(request.records))
+            except (RevisionGap, ReplicationRefused) as exc:
+                return self._answer(PushResult.PUSH_RESULT_REFUSED, str(exc))
+        self._note_position()
+        self.state = "streaming"
+        self.last_error = ""
+        if not self.needs_full_resync:
+            self.manager.force_next_sync = False  # following normally again
+        store = self.node.store
+        if request.digest_revision == store.revision and store.digest != request.digest:
+            return self._digest_mismatch(request)
+        # Its revision is this push's last (later pushes may be applied before the answer).
+        return self._answer(PushResult.PUSH_RESULT_OK, "")
 
     async def _not_applicable(self, request: PushRequest) -> PushResponse | None:
         """The answer to a push that must not be applied; None when it may be."""

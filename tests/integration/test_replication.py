@@ -27,11 +27,13 @@ from connectrpc.errors import ConnectError
 
 from bench.dataset import build_snapshot_dir
 from bench.dataset import key as dataset_key
+from kvservice.replication.replica import PREDECESSOR_WAIT_SECONDS
 from kvservice.storage.segments import list_segments, segment_revision
 from kvservice.v1.admin_connect import AdminClientSync
 from kvservice.v1.admin_pb2 import SnapshotRequest
 from kvservice.v1.kv_pb2 import DeleteRequest, GetRequest, SetRequest
 from kvservice.v1.replication_pb2 import PushRequest, PushResponse, PushResult
+from tests.faults.proxy import FaultProxy
 from tests.faults.workload import Burst, check_revisions, populate, verify_recovered
 from tests.integration.cluster import (
     SMALL_BACKLOG,
@@ -878,6 +880,89 @@ def test_duplicate_and_reordered_batches_change_nothing(cluster: Cluster) -> Non
     keys |= write(primary, "after-replays/", 5, "p")
     assert_converged(primary, [replica], keys)
     wait_for("the replica ready after the stale pushes", lambda: replica.ready()[0] == 200)
+
+    replica.stop()
+    primary.stop()
+    assert_consecutive(wal_revisions(replica.data_dir), "replica")
+    assert_same_store(primary.data_dir, replica.data_dir)
+
+
+def hold_push_with_entries(proxy: FaultProxy, tries: int = 20) -> tuple[PushRequest, int]:
+    """Hold back the next Push that carries entries (others pass); return it and the
+    proxy's request count just before it (the held one included after)."""
+    for _ in range(tries):
+        before = proxy.stats().requests
+        proxy.hold_next_request()
+        push = push_of(proxy.wait_held(timeout=5))
+        if push is not None and len(push.records) > 0:
+            return push, before
+        proxy.release_held()
+    raise AssertionError(f"no Push with entries in {tries} tries")
+
+
+def wait_pushed_past(proxy: FaultProxy, before: int, count: int) -> None:
+    """Wait until `count` requests followed a held one: only pipelined pushes (sent
+    without waiting for its answer) can."""
+    wait_for(
+        f"{count} pushes sent while one is held",
+        lambda: proxy.stats().requests >= before + 1 + count,
+        timeout=10,
+    )
+
+
+def test_pipelined_pushes_reordered_duplicated_and_dropped_change_nothing(
+    cluster: Cluster,
+) -> None:
+    """With several pushes in flight: one held back briefly (its successors arrive first)
+    is absorbed without a resync; duplicates change nothing; one lost while its
+    successors are out ends in a partial resync. Each entry is applied once and the
+    replica ends equal to the primary (same data, same digest)."""
+    primary, (replica,) = cluster.primary_with_replicas(1)
+    proxy = replica.proxy
+    assert proxy is not None
+    load = burst(primary, "pipe", clients=8)
+    load.wait_for_acks(200)
+
+    full_before, partial_before = full_and_partial(primary, replica)
+    retries_before = retries(primary, replica)
+
+    # Reordered: the successors of a held push reach the replica before it does.
+    held, before = hold_push_with_entries(proxy)
+    started = time.monotonic()
+    wait_pushed_past(proxy, before, 2)
+    assert replica.status().revision <= held.prev_revision  # nothing after the gap applied
+    assert proxy.release_held() == 1
+    held_for = time.monotonic() - started
+    ack_more(load, 300)
+    if held_for < 0.8 * PREDECESSOR_WAIT_SECONDS:  # (else the successors gave up: a reset)
+        assert resyncs(primary, replica, "partial") == partial_before, "the reordering reset"
+        assert retries(primary, replica) == retries_before
+    else:
+        print(f"held {held_for:.2f} s: too long to expect no reset on this machine")
+
+    # Duplicated: requests replayed while later ones are in flight.
+    for _ in range(10):
+        response = PushResponse.FromString(response_body(proxy.replay_last_request()))
+        assert response.result != PushResult.PUSH_RESULT_HISTORY_MISMATCH, response
+        time.sleep(0.02)
+
+    # Dropped: a held push is lost (its connection reset) after its successors went out.
+    _, before = hold_push_with_entries(proxy)
+    wait_pushed_past(proxy, before, 2)
+    proxy.cut()
+    proxy.heal()
+    wait_for(
+        "a partial resync after the lost push",
+        lambda: resyncs(primary, replica, "partial") > partial_before,
+        timeout=30,
+    )
+    ack_more(load, 300)
+    finish(load, seconds=0.5)
+    assert not load.errors(), load.errors()
+    assert resyncs(primary, replica, "full") == full_before
+    assert_converged(primary, [replica], burst_keys(load))
+    assert replica.metric("kvservice_replication_digest_mismatches_total") == 0
+    assert run_cli("check", "--primary", primary.url, "--replica", replica.url).returncode == 0
 
     replica.stop()
     primary.stop()

@@ -139,3 +139,39 @@ def test_a_damaged_record_changes_nothing(tmp_path: Path) -> None:
         await manager.node.close()
 
     asyncio.run(scenario())
+
+
+def test_pushes_in_flight_together_apply_once_in_order_whatever_order_they_arrive(
+    tmp_path: Path,
+) -> None:
+    """The primary keeps several pushes in flight: one that arrives before the push it
+    continues waits for it instead of being refused, a duplicate racing them is not
+    applied, and each answer reports only what is durable."""
+
+    async def scenario() -> None:
+        committed, state = await _records(tmp_path, 40)
+        manager = await _replica(tmp_path)
+        node = manager.node
+        first, second, third = committed[:15], committed[15:30], committed[30:]
+        assert (await push(manager, 0, [])).result == OK  # the probe: joins the history
+        # Started last-first: the third and second wait for their predecessors.
+        late = asyncio.create_task(push(manager, 30, third))
+        middle = asyncio.create_task(push(manager, 15, second))
+        await asyncio.sleep(0.05)
+        assert node.store.revision == 0
+        replies = await asyncio.gather(
+            push(manager, 0, first), push(manager, 0, first), middle, late
+        )
+        results = sorted(reply.result for reply in replies[:2])
+        assert results == sorted([OK, MISMATCH])  # the duplicate: answered, not applied
+        assert [(r.result, r.revision) for r in replies[2:]] == [(OK, 30), (OK, 40)]
+        for reply in replies:
+            if reply.result == OK:
+                assert reply.durable_revision >= reply.revision
+        assert node.wal.durable_revision == 40
+        assert {key: node.store.get(key) for key in node.store.data} == state
+        await manager.close()
+        await node.close()
+
+    asyncio.run(scenario())
+    assert recover(tmp_path / "replica").store.revision == 40
