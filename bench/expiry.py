@@ -57,8 +57,7 @@ def _run(url: str, keys: int, writers: int, spread_ms: int) -> dict[str, float]:
                 kv.set(SetRequest(key=f"load:{n}", value=b"x" * 100))
 
     expiries: dict[str, float] = {}
-    threads = [threading.Thread(target=watcher, daemon=True)]
-    threads[0].start()
+    threading.Thread(target=watcher, daemon=True).start()
     live.wait(10)
     # The first key expires once all are written (about 2 ms a key here, with room).
     start = time.time() * 1000 + 1000 + keys * 3

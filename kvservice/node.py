@@ -42,7 +42,7 @@ from kvservice.ops import Limits
 from kvservice.snapshots import SnapshotInfo, Snapshotter
 from kvservice.storage import record
 from kvservice.storage.wal import Wal
-from kvservice.v1.kv_pb2 import Condition, GetResponse, Op, OpResult
+from kvservice.v1.kv_pb2 import Condition, Op, OpResult
 from kvservice.v1.log_pb2 import LogEntry
 
 log = logging.getLogger("kvservice.node")
@@ -141,37 +141,24 @@ class Node:
         self.limits.check_key(key)
         return self.store.item(key)
 
-    def mget(self, keys: list[str]) -> tuple[int, list[GetResponse]]:
+    def mget(self, keys: list[str]) -> tuple[int, list[Item | None]]:
         """Many keys read in one step, so all at one revision."""
         self.limits.check_batch(len(keys), "keys")
         for key in keys:
             self.limits.check_key(key)
-        items = [self.store.item(key) for key in keys]
-        found = [
-            GetResponse()
-            if item is None
-            else GetResponse(
-                found=True,
-                value=item.value,
-                revision=item.revision,
-                expires_at_ms=item.expires_at_ms,
-            )
-            for item in items
-        ]
-        return self.store.revision, found
+        return self.store.revision, [self.store.item(key) for key in keys]
 
     async def set(
         self, key: str, value: bytes, ttl_ms: int = 0, if_revision: int | None = None
     ) -> int:
         self.limits.check_key(key)
         self.limits.check_value(value)
-        expires = ops.expires_at(0, ttl_ms)  # range check before any state is read
+        ops.check_ttl(ttl_ms)  # before any state is read
         self._check_writable()
         now = self.store.clock()
         self._expire_due(key, now)
         ops.check_revision(self.store, key, if_revision)
-        if expires:
-            expires = ops.expires_at(now, ttl_ms)
+        expires = ops.expires_at(now, ttl_ms)
         return await self._commit(ops.set_entry(key, value, expires, self.limits))
 
     async def delete(self, key: str, if_revision: int | None = None) -> tuple[bool, int]:
@@ -191,7 +178,7 @@ class Node:
     async def touch(self, key: str, ttl_ms: int, if_revision: int | None = None) -> tuple[int, int]:
         """Set or clear a key's expiry: (revision, expires_at_ms)."""
         self.limits.check_key(key)
-        ops.expires_at(0, ttl_ms)
+        ops.check_ttl(ttl_ms)
         self._check_writable()
         now = self.store.clock()
         self._expire_due(key, now)
@@ -202,7 +189,7 @@ class Node:
     async def increment(self, key: str, delta: int, ttl_ms: int = 0) -> tuple[int, int]:
         """Add to a decimal counter: (new value, revision)."""
         self.limits.check_key(key)
-        ops.expires_at(0, ttl_ms)
+        ops.check_ttl(ttl_ms)
         self._check_writable()
         now = self.store.clock()
         self._expire_due(key, now)
@@ -249,8 +236,8 @@ class Node:
             raise ShuttingDown("the node is shutting down")
 
     async def _commit(self, entry: LogEntry) -> int:
-        """Log and apply one entry of a client write and wait until it is durable."""
-        self._check_writable()
+        """Log and apply one entry of a client write and wait until it is durable.
+        (Callers checked `_check_writable()` with no await since.)"""
         self._log(entry)
         self._wake_readers()
         await self.wal.sync()

@@ -76,12 +76,16 @@ class Limits:
             )
 
 
-def expires_at(now_ms: int, ttl_ms: int) -> int:
-    """The absolute expiry for a TTL; 0 (never) for ttl_ms 0."""
+def check_ttl(ttl_ms: int) -> None:
     if ttl_ms < 0:
         raise InvalidArgument(f"ttl_ms must not be negative (got {ttl_ms})")
     if ttl_ms > MAX_TTL_MS:
         raise InvalidArgument(f"ttl_ms is at most {MAX_TTL_MS} (100 years; got {ttl_ms})")
+
+
+def expires_at(now_ms: int, ttl_ms: int) -> int:
+    """The absolute expiry for a TTL; 0 (never) for ttl_ms 0."""
+    check_ttl(ttl_ms)
     return now_ms + ttl_ms if ttl_ms else 0
 
 
@@ -195,7 +199,7 @@ def _check_op(op: Op, limits: Limits) -> str:
     if kind == "set":
         limits.check_value(request.value)
     if kind in ("set", "touch", "increment"):
-        expires_at(0, request.ttl_ms)  # range check only
+        check_ttl(request.ttl_ms)
     key: str = request.key
     return key
 

@@ -18,6 +18,7 @@ from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
 from kvservice.digests import MAX_BUCKETS, bucket_digests
+from kvservice.engine import Item
 from kvservice.errors import (
     Compacted,
     ConditionFailed,
@@ -122,6 +123,14 @@ def wait_budget(ctx: RequestContext[Any, Any], cap: float) -> float:
         return cap
     seconds = deadline_ms / 1000
     return max(0.0, min(cap, seconds - min(0.2, max(0.02, seconds / 10))))
+
+
+def get_response(item: Item | None) -> GetResponse:
+    if item is None:
+        return GetResponse()
+    return GetResponse(
+        found=True, value=item.value, revision=item.revision, expires_at_ms=item.expires_at_ms
+    )
 
 
 def to_connect_error(exc: KVError) -> ConnectError:
@@ -304,24 +313,14 @@ class KVStoreService:
     async def get(self, request: GetRequest, ctx: RequestContext[Any, Any]) -> GetResponse:
         if request.min_revision > self.node.store.revision:
             await self._wait_for(request.min_revision, ctx)
-        item = self.node.item(request.key)
-        if item is None:
-            return GetResponse()
-        if item.expires_at_ms:
-            return GetResponse(
-                found=True,
-                value=item.value,
-                revision=item.revision,
-                expires_at_ms=item.expires_at_ms,
-            )
-        return GetResponse(found=True, value=item.value, revision=item.revision)
+        return get_response(self.node.item(request.key))
 
     @connect_errors
     async def m_get(self, request: MGetRequest, ctx: RequestContext[Any, Any]) -> MGetResponse:
         if request.min_revision > self.node.store.revision:
             await self._wait_for(request.min_revision, ctx)
         revision, items = self.node.mget(list(request.keys))
-        return MGetResponse(revision=revision, items=items)
+        return MGetResponse(revision=revision, items=[get_response(item) for item in items])
 
     async def _wait_for(self, revision: int, ctx: RequestContext[Any, Any]) -> None:
         """Read-your-writes: wait until applied, within the deadline; never a stale answer."""
