@@ -20,6 +20,7 @@ your own revision up to `start`, then consume the subscription.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -32,12 +33,15 @@ class Committed:
     """One committed entry and its encoded WAL record (header and payload).
 
     `digest` is the store's digest right after this entry (set by the node in
-    the same step; None for entries read back from disk).
+    the same step; None for entries read back from disk). `durable_at` is when
+    it became durable here (time.monotonic(), set when the feed publishes it:
+    its writer is acknowledged then; 0.0 for entries read back from disk).
     """
 
     entry: LogEntry
     record: bytes
     digest: int | None = None
+    durable_at: float = 0.0
 
     @property
     def revision(self) -> int:
@@ -139,8 +143,11 @@ class CommitFeed:
         """The WAL's durable watermark reached `revision`: publish up to it."""
         staged = self._staged
         released = []
+        now = time.monotonic()
         while staged and staged[0].revision <= revision:
-            released.append(staged.popleft())
+            item = staged.popleft()
+            item.durable_at = now
+            released.append(item)
         self.durable_revision = max(self.durable_revision, revision)
         if released and self._subscriptions:
             for subscription in tuple(self._subscriptions):

@@ -51,10 +51,39 @@ LATENCY_BUCKETS = (
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Per replicated entry, from its writer's acknowledgement on the primary to the
+# replica's durable acknowledgement: fine steps around the 25 ms lag target.
+REPLICATION_LAG_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03,
+    0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
 # Connect's mapping for error responses that carry no JSON body.
 _STATUS_CODES = {400: "invalid_argument", 404: "unimplemented", 405: "unimplemented",
                  408: "deadline_exceeded", 413: "resource_exhausted", 415: "invalid_argument",
                  429: "resource_exhausted", 503: "unavailable"}  # fmt: skip
+
+
+class Buckets:
+    """A histogram in plain lists: counts per bucket (the last one is +Inf) and their
+    sum. Updated on the event loop thread only, so it needs none of the locks that
+    prometheus-client's Histogram takes on every update (see RpcStats)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float, count: int = 1) -> None:
+        """`count` observations of `value` (bucket bounds are inclusive, as `le` says)."""
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.sum += value * count
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(le, observations at or below it) pairs, as HistogramMetricFamily takes them."""
+        bounds = [*(str(b) for b in self.bounds), "+Inf"]
+        return list(zip(bounds, accumulate(self.counts), strict=True))
 
 
 @dataclass(frozen=True)
@@ -83,6 +112,8 @@ class ReplicationGauges:
     # Per replica: (url, connected, lag revisions, lag seconds, full, partial, retries).
     senders: Callable[[], list[tuple[str, bool, int, float, int, int, int]]]
     digest_mismatches: Callable[[], int]
+    # Per replica: (url, lag of each entry from its ack here to the replica's durable ack).
+    durable_lags: Callable[[], list[tuple[str, Buckets]]] = lambda: []
 
 
 class ReplicationStats(Collector):
@@ -134,6 +165,15 @@ class ReplicationStats(Collector):
         yield from families.values()
         yield resyncs
         yield retries
+        durable_lag = HistogramMetricFamily(
+            "kvservice_replica_durable_lag_seconds",
+            "Per entry: seconds from its writer's acknowledgement here (durable on this"
+            " primary) until the replica acknowledged it durable",
+            labels=["replica"],
+        )  # fmt: skip
+        for url, lags in g.durable_lags():
+            durable_lag.add_metric([url], lags.cumulative(), sum_value=lags.sum)
+        yield durable_lag
         yield GaugeMetricFamily(
             "kvservice_replication_applied_revision",
             "Last revision this node applied (on a replica: of its primary's log)",
@@ -273,19 +313,15 @@ class RpcStats(Collector):
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], int] = {}
-        # Per method: observations per bucket (the last one is +Inf), and their sum.
-        self.buckets: dict[str, list[int]] = {}
-        self.sums: dict[str, float] = {}
+        self.latency: dict[str, Buckets] = {}
 
     def record(self, method: str, code: str, seconds: float) -> None:
         key = (method, code)
         self.counts[key] = self.counts.get(key, 0) + 1
-        buckets = self.buckets.get(method)
-        if buckets is None:
-            buckets = self.buckets[method] = [0] * (len(LATENCY_BUCKETS) + 1)
-            self.sums[method] = 0.0
-        buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.sums[method] += seconds
+        latency = self.latency.get(method)
+        if latency is None:
+            latency = self.latency[method] = Buckets(LATENCY_BUCKETS)
+        latency.observe(seconds)
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -298,11 +334,8 @@ class RpcStats(Collector):
         latency = HistogramMetricFamily(
             "kvservice_rpc_duration_seconds", "Time to serve an RPC, by method", labels=["method"]
         )
-        for method, buckets in sorted(self.buckets.items()):
-            cumulative = list(accumulate(buckets))
-            bounds = [*(str(b) for b in LATENCY_BUCKETS), "+Inf"]
-            latency.add_metric([method], list(zip(bounds, cumulative, strict=True)),
-                               sum_value=self.sums[method])  # fmt: skip
+        for method, buckets in sorted(self.latency.items()):
+            latency.add_metric([method], buckets.cumulative(), sum_value=buckets.sum)
         yield latency
 
 

@@ -10,6 +10,7 @@ calls to its peers.
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, field
 
 from pyqwest import Client, HTTPTransport
@@ -21,6 +22,8 @@ from kvservice.config import ConfigError, Settings
 class Peers:
     headers: dict[str, str] = field(default_factory=dict)
     http_client: Client | None = None
+    # The same TLS material for the replication channel (replication/channel.py).
+    ssl_context: ssl.SSLContext | None = None
 
 
 def peer_access(settings: Settings) -> Peers:
@@ -44,4 +47,17 @@ def peer_access(settings: Settings) -> Peers:
         except OSError as exc:
             raise ConfigError(f"cannot read TLS material for peer calls: {exc}") from exc
         peers.http_client = Client(HTTPTransport(tls_ca_cert=ca, tls_cert=cert, tls_key=key))
+        peers.ssl_context = _ssl_context(settings)
     return peers
+
+
+def _ssl_context(settings: Settings) -> ssl.SSLContext:
+    """A client context that verifies peers against tls_ca_file and presents the node's
+    own certificate when it has one."""
+    try:
+        context = ssl.create_default_context(cafile=settings.tls_ca_file)
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS material for peer calls: {exc}") from exc
+    return context

@@ -166,6 +166,7 @@ def build_replication(settings: Settings, node: Node, metrics: Metrics) -> Repli
                 for v in manager.sender_views()
             ],
             digest_mismatches=lambda: manager.digest_mismatches,
+            durable_lags=lambda: [(s.url, s.durable_lag) for s in manager.senders.values()],
         )
     )
     return manager

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -44,9 +45,10 @@ from tenacity import (
 
 from kvservice.errors import Compacted, FeedOverflow, ShuttingDown
 from kvservice.feed import Committed, Subscription
+from kvservice.metrics import REPLICATION_LAG_BUCKETS, Buckets
+from kvservice.replication.channel import ReplicaChannel
 from kvservice.storage.backlog import BacklogReader
 from kvservice.storage.segments import data_dirs, list_snapshots
-from kvservice.v1.replication_connect import ReplicationClient
 from kvservice.v1.replication_pb2 import (
     InstallSnapshotRequest,
     PrimaryInfo,
@@ -123,9 +125,13 @@ class Sender:
         self.retries = 0
         self.connected = False
         self.peer_id = ""  # the replica's node id, from its answers
-        # (revision, when it became durable here) of entries the replica may not have:
-        # its lag in seconds is the age of the first one above `acked`.
-        self._durable_at: collections.deque[tuple[int, float]] = collections.deque()
+        # (revision, when it became durable here, live) of entries the replica may not
+        # have, one per group commit: its lag in seconds is the age of the first one
+        # above `acked`. Live entries (from the feed) were acknowledged to their writers
+        # then; backlog entries count from when they were read.
+        self._durable_at: collections.deque[tuple[int, float, bool]] = collections.deque()
+        # Per live entry: from its writer's acknowledgement to the replica's durable ack.
+        self.durable_lag = Buckets(REPLICATION_LAG_BUCKETS)
         self._progressed = False
         self._in_flight: collections.deque[InFlight] = collections.deque()
         # Set (per session) when a push in flight failed or was refused: the stream
@@ -133,11 +139,10 @@ class Sender:
         self._trouble: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
-        self._headers = manager.peers.headers
-        self._client = ReplicationClient(
-            url, timeout_ms=PUSH_TIMEOUT_MS, send_compression=None,
-            http_client=manager.peers.http_client,
-        )  # fmt: skip
+        peers = manager.peers
+        self._channel = ReplicaChannel(
+            url, timeout_ms=PUSH_TIMEOUT_MS, headers=peers.headers, ssl_context=peers.ssl_context
+        )
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ----------------------------------------------------------------
@@ -153,7 +158,7 @@ class Sender:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=5)
         self._release()
-        await self._client.close()
+        await self._channel.close()
 
     async def _run(self) -> None:
         while not self._closing:
@@ -245,7 +250,7 @@ class Sender:
         # another history has acknowledged nothing of ours yet).
         self.acked = probe.durable_revision if same else 0
         self._durable_at.clear()
-        self._note_behind(self.node.wal.durable_revision)
+        self._note_behind(self.node.wal.durable_revision, time.monotonic(), live=False)
         self._hold(lambda: self.position)
         reader = await self._open_backlog(self.position) if same else None
         if reader is None:
@@ -309,13 +314,14 @@ class Sender:
             )
             if not batch:
                 raise LinkError(f"the WAL ends before revision {until}")
+            self._stamp(batch)
             await self._send(batch)
 
     async def _follow(self, subscription: Subscription) -> None:
         while True:
             batch = await self._next_entries(subscription)
             if batch:
-                self._note_behind(batch[-1].revision)
+                self._stamp(batch)
                 batch = await self._coalesce(subscription, batch)
             else:
                 await self._settle_all()  # a heartbeat continues what the replica holds
@@ -336,8 +342,7 @@ class Sender:
         while self._pushes_out() and not self._failed() and time.monotonic() < deadline:
             await self._next_answer_or_failure(deadline)
         more = subscription.get_nowait(self.batch_entries - len(batch))
-        if more:
-            self._note_behind(more[-1].revision)
+        self._stamp(more)
         return batch + more
 
     def _failed(self) -> bool:
@@ -463,16 +468,14 @@ class Sender:
         request = PushRequest(primary=self._info(), prev_revision=prev_revision, records=records)
         if digest is not None:
             request.digest_revision, request.digest = digest
-        reply = await self._client.push(request, headers=self._headers)
+        reply = await self._channel.push(request)
         if reply.epoch > self.manager.state.epoch:
             # A newer primary exists: stop taking writes at once (fencing).
             self.manager.fence(reply.epoch, reply.primary_url)
             raise ShuttingDown(f"fenced by epoch {reply.epoch}")
         if reply.result == PushResult.PUSH_RESULT_OK and reply.durable_revision > self.acked:
             # (Only an answer in our history counts: another's revisions mean nothing here.)
-            self.acked = reply.durable_revision
-            while self._durable_at and self._durable_at[0][0] <= self.acked:
-                self._durable_at.popleft()
+            self._acknowledged(reply.durable_revision)
             self.manager.note_ack()
         return reply
 
@@ -506,13 +509,12 @@ class Sender:
             while True:
                 data = await asyncio.to_thread(os.read, fd, self.batch_bytes)
                 done = not data
-                reply = await self._client.install_snapshot(
+                reply = await self._channel.install_snapshot(
                     InstallSnapshotRequest(
                         primary=self._info(), transfer_id=transfer, revision=revision,
                         offset=offset, data=data, done=done,
                     ),
                     timeout_ms=INSTALL_TIMEOUT_MS if done else PUSH_TIMEOUT_MS,
-                    headers=self._headers,
                 )  # fmt: skip
                 offset += len(data)
                 if reply.next_offset != offset:
@@ -552,10 +554,41 @@ class Sender:
     def lag_revisions(self) -> int:
         return max(0, self.node.wal.durable_revision - self.acked)
 
-    def _note_behind(self, revision: int) -> None:
-        """`revision` is durable here now (the replica has it once acked reaches it)."""
+    def _stamp(self, batch: list[Committed]) -> None:
+        """Note when the entries of `batch` became durable here: one stamp per group
+        commit (its last entry). Entries read back from disk carry no time: now."""
+        if not batch:
+            return
+        for item, after in itertools.pairwise(batch):
+            if after.durable_at != item.durable_at:
+                self._note_behind(item.revision, item.durable_at or time.monotonic(),
+                                  live=bool(item.durable_at))  # fmt: skip
+        last = batch[-1]
+        self._note_behind(last.revision, last.durable_at or time.monotonic(),
+                          live=bool(last.durable_at))  # fmt: skip
+
+    def _note_behind(self, revision: int, at: float, *, live: bool) -> None:
+        """Entries up to `revision` were durable here at `at` (monotonic); the replica
+        has them once acked reaches it."""
         if revision > self.acked and (not self._durable_at or revision > self._durable_at[-1][0]):
-            self._durable_at.append((revision, time.monotonic()))
+            self._durable_at.append((revision, at, live))
+
+    def _acknowledged(self, revision: int) -> None:
+        """The replica holds everything up to `revision` durably: count each live entry
+        newly acknowledged in `durable_lag`, at the age of its group commit."""
+        now = time.monotonic()
+        done = self.acked
+        stamps = self._durable_at
+        while stamps and stamps[0][0] <= revision:
+            last, at, live = stamps.popleft()
+            if live and last > done:
+                self.durable_lag.observe(now - at, last - done)
+            done = max(done, last)
+        if stamps and done < revision:  # part of the next group commit
+            _, at, live = stamps[0]
+            if live:
+                self.durable_lag.observe(now - at, revision - done)
+        self.acked = revision
 
     def lag_seconds(self) -> float:
         """Age of the oldest entry durable here that the replica has not acknowledged."""

@@ -197,6 +197,12 @@ def test_primary_and_two_replicas_converge_under_16_client_load(cluster: Cluster
         assert primary.metric("kvservice_replica_connected", replica=url) == 1
         assert primary.metric("kvservice_replica_lag_revisions", replica=url) == 0
         assert primary.metric("kvservice_replica_lag_seconds", replica=url) < 5
+        # Every entry was written while the replica streamed: each one's lag to the
+        # replica's durable ack is in the histogram, once.
+        lags = "kvservice_replica_durable_lag_seconds"
+        assert primary.metric(f"{lags}_count", replica=url) == revision
+        assert primary.metric(f"{lags}_bucket", replica=url, le="+Inf") == revision
+        assert 0 < primary.metric(f"{lags}_sum", replica=url) < 5 * revision
         names = {name for name, _ in primary.metrics()}
         assert {"kvservice_replica_lag_seconds", "kvservice_replication_retries_total"} <= names
     assert primary.metric("kvservice_replication_role", role="primary") == 1

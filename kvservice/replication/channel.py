@@ -1,0 +1,232 @@
+"""The primary's connection to one replica: Connect unary calls of
+`kvservice.v1.Replication` (Push, InstallSnapshot) over pooled keep-alive
+HTTP/1.1 connections, parsed by httptools (uvicorn's own parser).
+
+Why not connect-python's client here: a push is the one call a primary makes
+hundreds of times a second per replica, and with connect-python's client (on
+pyqwest, whose Rust I/O threads wake the event loop through a self-pipe) an
+empty push cost the primary ~320-540 us of CPU and ~5 event-loop passes; over
+an asyncio protocol it costs ~120 us and resolves in the pass that reads the
+answer (`python -m bench.pushcost`, bench/results/replication.md). That cost
+is what bounds how often a primary can push, so how long an entry waits to be
+shipped. Everything else that calls other nodes (announcements, a
+switchover's Admin calls, the CLI) keeps connect-python's client.
+
+The wire format is Connect's unary protocol unchanged (any Connect server
+answers it, `buf curl` speaks it): `POST /kvservice.v1.Replication/<Method>`,
+`Content-Type: application/proto`, `Connect-Protocol-Version: 1`,
+`Connect-Timeout-Ms`; a 200 carries the response message, anything else a
+Connect error (JSON `{"code", "message"}`, or a code from the HTTP status when
+the body is not one, as the protocol says). Failures raise ConnectError, as
+connect-python's client would: `unavailable` for connection failures,
+`deadline_exceeded` when no answer came within the call's timeout.
+
+A connection carries one call at a time (the replica works on concurrent
+pushes concurrently, which HTTP/1.1 pipelining would serialize); idle ones are
+kept for the next call, a failed one is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from typing import TypeVar, cast
+from urllib.parse import urlsplit
+
+import httptools
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
+from google.protobuf.message import DecodeError, Message
+
+from kvservice.v1.replication_pb2 import (
+    InstallSnapshotRequest,
+    InstallSnapshotResponse,
+    PushRequest,
+    PushResponse,
+)
+
+ResponseT = TypeVar("ResponseT", bound=Message)
+
+SERVICE = "/kvservice.v1.Replication/"
+# An answer larger than this is not a replication answer (they are a few hundred
+# bytes): the connection is dropped instead of buffering it.
+MAX_RESPONSE_BYTES = 1 << 20
+# Idle connections kept per replica (as many as pushes in flight, plus a heartbeat).
+MAX_IDLE = 4
+# Connect's code for an HTTP status when the body is not a Connect error.
+STATUS_CODES = {
+    400: Code.INTERNAL, 401: Code.UNAUTHENTICATED, 403: Code.PERMISSION_DENIED,
+    404: Code.UNIMPLEMENTED, 429: Code.UNAVAILABLE, 502: Code.UNAVAILABLE,
+    503: Code.UNAVAILABLE, 504: Code.UNAVAILABLE,
+}  # fmt: skip
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; one call at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.answer: asyncio.Future[tuple[int, bytes]] | None = None
+        self.body = bytearray()
+        self.closed = False
+        self.keep_alive = True
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports implement asyncio.Transport without subclassing it.)
+        self.transport = cast("asyncio.Transport", transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer is None:  # bytes nobody asked for: this connection is unusable
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(f"malformed HTTP answer: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(f"connection closed by the replica{f': {exc}' if exc else ''}")
+
+    # -- httptools callbacks -----------------------------------------------------------
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        if len(self.body) > MAX_RESPONSE_BYTES:
+            self._fail(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+        answer, self.answer = self.answer, None
+        if answer is not None and not answer.done():
+            answer.set_result((self.parser.get_status_code(), bytes(self.body)))
+        self.body.clear()
+
+    # -- calls -------------------------------------------------------------------------
+
+    def send(self, data: bytes) -> asyncio.Future[tuple[int, bytes]]:
+        assert self.transport is not None, "not connected"
+        assert self.answer is None, "one call at a time"
+        self.answer = asyncio.get_running_loop().create_future()
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport.write(data)
+        return self.answer
+
+    def _fail(self, reason: str) -> None:
+        answer, self.answer = self.answer, None
+        if answer is not None and not answer.done():
+            answer.set_exception(ConnectError(Code.UNAVAILABLE, reason))
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class ReplicaChannel:
+    """Connect unary calls of the Replication service to one replica."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_ms: int,
+        headers: dict[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        https = parts.scheme == "https"
+        self.ssl = (ssl_context or ssl.create_default_context()) if https else None
+        self.timeout_ms = timeout_ms
+        authority = parts.netloc.rpartition("@")[2]
+        self._base = parts.path.rstrip("/")
+        # Every request's header lines but the per-call ones.
+        lines = [f"host: {authority}", "content-type: application/proto",
+                 "connect-protocol-version: 1", "user-agent: kvservice-replication",
+                 *(f"{name}: {value}" for name, value in (headers or {}).items())]  # fmt: skip
+        self._common = "\r\n".join(lines)
+        self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()
+
+    async def push(self, request: PushRequest, *, timeout_ms: int | None = None) -> PushResponse:
+        return await self._call("Push", request, PushResponse, timeout_ms)
+
+    async def install_snapshot(
+        self, request: InstallSnapshotRequest, *, timeout_ms: int | None = None
+    ) -> InstallSnapshotResponse:
+        return await self._call("InstallSnapshot", request, InstallSnapshotResponse, timeout_ms)
+
+    async def close(self) -> None:
+        for connection in [*self._idle, *self._busy]:
+            connection.close()
+        self._idle.clear()
+        self._busy.clear()
+
+    async def _call(
+        self, method: str, request: Message, response_type: type[ResponseT], timeout_ms: int | None
+    ) -> ResponseT:
+        timeout_ms = timeout_ms or self.timeout_ms
+        body = request.SerializeToString()
+        head = (f"POST {self._base}{SERVICE}{method} HTTP/1.1\r\n{self._common}\r\n"
+                f"connect-timeout-ms: {timeout_ms}\r\n"
+                f"content-length: {len(body)}\r\n\r\n")  # fmt: skip
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                connection = await self._acquire()
+                try:
+                    status, payload = await connection.send(head.encode("latin-1") + body)
+                except BaseException:
+                    connection.close()  # (a call cut short leaves its answer on the wire)
+                    raise
+                finally:
+                    self._busy.discard(connection)
+        except TimeoutError:
+            raise ConnectError(
+                Code.DEADLINE_EXCEEDED, f"no answer to {method} within {timeout_ms} ms"
+            ) from None
+        except OSError as exc:
+            raise ConnectError(Code.UNAVAILABLE, f"cannot reach the replica: {exc}") from exc
+        self._release(connection)
+        if status != 200:
+            raise _error(status, payload)
+        try:
+            return response_type.FromString(payload)
+        except DecodeError as exc:
+            raise ConnectError(Code.INTERNAL, f"undecodable {method} answer: {exc}") from exc
+
+    async def _acquire(self) -> _Connection:
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed:
+                self._busy.add(connection)
+                return connection
+        _, connection = await asyncio.get_running_loop().create_connection(
+            _Connection, self.host, self.port, ssl=self.ssl
+        )
+        self._busy.add(connection)
+        return connection
+
+    def _release(self, connection: _Connection) -> None:
+        if connection.closed or not connection.keep_alive or len(self._idle) >= MAX_IDLE:
+            connection.close()
+        else:
+            self._idle.append(connection)
+
+
+def _error(status: int, payload: bytes) -> ConnectError:
+    """The Connect error a non-200 answer carries."""
+    with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+        error = json.loads(payload)
+        return ConnectError(Code(error["code"]), str(error.get("message", "")))
+    code = STATUS_CODES.get(status, Code.UNKNOWN)
+    return ConnectError(code, f"HTTP {status}: {payload[:200].decode('utf-8', 'replace')}")
