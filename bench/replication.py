@@ -539,10 +539,9 @@ def lag(plan: Plan, work: Path, out: Results, max_rate: float) -> None:
             "= the same Get(minRevision) with nothing to wait for, on an idle replica after the "
             "run. Load Set latency counts from when each request was due. Other CPU = the rest "
             "of the machine (this probe included). A replica answers a push only once its "
-            "entries are durable; the primary keeps up to PUSH_WINDOW (3) pushes in flight "
-            "per replica, and an entry committed while pushes are out waits until they are "
-            "all answered or COALESCE_SECONDS (10 ms) pass; the fsync=no row shows the lag "
-            "with no replica fsync at all.")  # fmt: skip
+            "entries are durable; the primary pushes each group commit as it becomes durable, "
+            "up to PUSH_WINDOW (3) pushes in flight per replica (more entries wait for an "
+            "answer); the fsync=no row shows the lag with no replica fsync at all.")  # fmt: skip
     out.add("")
     out.figures["lag_p50_ms"] = lag_quantile(runs[0].durable, 0.5)
     out.figures["lag_p99_ms"] = lag_quantile(runs[0].durable, 0.99)

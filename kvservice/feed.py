@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvservice.errors import FeedOverflow, ShuttingDown
@@ -63,6 +64,9 @@ class Subscription:
         self._bytes = 0
         self._ready = asyncio.Event()
         self._ended: Exception | None = None
+        # Called (no arguments) when entries arrive or the subscription ends, in the
+        # same step: a consumer that must not wait for a task wake-up (replication).
+        self.listener: Callable[[], None] | None = None
 
     def _push(self, items: list[Committed]) -> None:
         """Feed side: queue entries, or end the subscription when it overflows."""
@@ -77,11 +81,15 @@ class Subscription:
         self._items.extend(items)
         self._bytes += size
         self._ready.set()
+        if self.listener is not None:
+            self.listener()
 
     def _end(self, reason: Exception) -> None:
         self._ended = reason
         self._feed._subscriptions.discard(self)
         self._ready.set()
+        if self.listener is not None:
+            self.listener()
 
     async def get(self, max_entries: int = 1024) -> list[Committed]:
         """Wait for and take up to `max_entries` entries, oldest first.

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+from collections.abc import Callable
 from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -63,13 +64,18 @@ STATUS_CODES = {
 }  # fmt: skip
 
 
+Answered = Callable[[tuple[int, bytes] | ConnectError], None]
+Done = Callable[[ResponseT | None, ConnectError | None], None]
+
+
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection; one call at a time."""
+    """One keep-alive connection; one call at a time. The call's callback runs in the
+    event-loop pass that reads its answer (no task to wake)."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.answer: asyncio.Future[tuple[int, bytes]] | None = None
+        self.on_answer: Answered | None = None
         self.body = bytearray()
         self.closed = False
         self.keep_alive = True
@@ -81,47 +87,50 @@ class _Connection(asyncio.Protocol):
         self.transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.answer is None:  # bytes nobody asked for: this connection is unusable
+        if self.on_answer is None:  # bytes nobody asked for: this connection is unusable
             self.close()
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(f"malformed HTTP answer: {exc}")
+            self.fail(ConnectError(Code.UNAVAILABLE, f"malformed HTTP answer: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._fail(f"connection closed by the replica{f': {exc}' if exc else ''}")
+        reason = f"connection closed by the replica{f': {exc}' if exc else ''}"
+        self.fail(ConnectError(Code.UNAVAILABLE, reason))
 
     # -- httptools callbacks -----------------------------------------------------------
 
     def on_body(self, body: bytes) -> None:
         self.body += body
         if len(self.body) > MAX_RESPONSE_BYTES:
-            self._fail(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
+            error = f"answer larger than {MAX_RESPONSE_BYTES} bytes"
+            self.fail(ConnectError(Code.UNAVAILABLE, error))
 
     def on_message_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()
-        answer, self.answer = self.answer, None
-        if answer is not None and not answer.done():
-            answer.set_result((self.parser.get_status_code(), bytes(self.body)))
+        on_answer, self.on_answer = self.on_answer, None
+        answer = (self.parser.get_status_code(), bytes(self.body))
         self.body.clear()
+        if on_answer is not None:
+            on_answer(answer)
 
     # -- calls -------------------------------------------------------------------------
 
-    def send(self, data: bytes) -> asyncio.Future[tuple[int, bytes]]:
+    def send(self, data: bytes, on_answer: Answered) -> None:
         assert self.transport is not None, "not connected"
-        assert self.answer is None, "one call at a time"
-        self.answer = asyncio.get_running_loop().create_future()
+        assert self.on_answer is None, "one call at a time"
+        self.on_answer = on_answer
         self.parser = httptools.HttpResponseParser(self)
         self.transport.write(data)
-        return self.answer
 
-    def _fail(self, reason: str) -> None:
-        answer, self.answer = self.answer, None
-        if answer is not None and not answer.done():
-            answer.set_exception(ConnectError(Code.UNAVAILABLE, reason))
+    def fail(self, error: ConnectError) -> None:
+        """End the call in progress with `error` and drop the connection."""
+        on_answer, self.on_answer = self.on_answer, None
         self.close()
+        if on_answer is not None:
+            on_answer(error)
 
     def close(self) -> None:
         self.closed = True
@@ -161,6 +170,18 @@ class ReplicaChannel:
     async def push(self, request: PushRequest, *, timeout_ms: int | None = None) -> PushResponse:
         return await self._call("Push", request, PushResponse, timeout_ms)
 
+    def push_nowait(self, request: PushRequest, done: Done[PushResponse]) -> bool:
+        """Send a push now on an idle connection, and call `done(reply, error)` in the
+        event-loop pass that reads its answer (or on failure or timeout). False, with
+        nothing sent, when no connection is idle (then use `push`, which connects)."""
+        connection = self._idle_connection()
+        if connection is None:
+            return False
+        self._start(
+            connection, "Push", request, PushResponse, timeout_ms=self.timeout_ms, done=done
+        )
+        return True
+
     async def install_snapshot(
         self, request: InstallSnapshotRequest, *, timeout_ms: int | None = None
     ) -> InstallSnapshotResponse:
@@ -176,44 +197,84 @@ class ReplicaChannel:
         self, method: str, request: Message, response_type: type[ResponseT], timeout_ms: int | None
     ) -> ResponseT:
         timeout_ms = timeout_ms or self.timeout_ms
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ms / 1000
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                connection = self._idle_connection() or await self._connect()
+        except TimeoutError:
+            raise ConnectError(
+                Code.DEADLINE_EXCEEDED, f"no connection to the replica within {timeout_ms} ms"
+            ) from None
+        except OSError as exc:
+            raise ConnectError(Code.UNAVAILABLE, f"cannot reach the replica: {exc}") from exc
+        answer: asyncio.Future[tuple[ResponseT | None, ConnectError | None]]
+        answer = loop.create_future()
+
+        def done(reply: ResponseT | None, error: ConnectError | None) -> None:
+            if not answer.done():
+                answer.set_result((reply, error))
+
+        left_ms = max(1, int((deadline - loop.time()) * 1000))
+        self._start(connection, method, request, response_type, timeout_ms=left_ms, done=done)
+        try:
+            reply, error = await answer
+        except asyncio.CancelledError:
+            connection.close()  # (a call cut short leaves its answer on the wire)
+            raise
+        if error is not None:
+            raise error
+        assert reply is not None
+        return reply
+
+    def _start(
+        self,
+        connection: _Connection,
+        method: str,
+        request: Message,
+        response_type: type[ResponseT],
+        *,
+        timeout_ms: int,
+        done: Done[ResponseT],
+    ) -> None:
         body = request.SerializeToString()
         head = (f"POST {self._base}{SERVICE}{method} HTTP/1.1\r\n{self._common}\r\n"
                 f"connect-timeout-ms: {timeout_ms}\r\n"
                 f"content-length: {len(body)}\r\n\r\n")  # fmt: skip
-        try:
-            async with asyncio.timeout(timeout_ms / 1000):
-                connection = await self._acquire()
-                try:
-                    status, payload = await connection.send(head.encode("latin-1") + body)
-                except BaseException:
-                    connection.close()  # (a call cut short leaves its answer on the wire)
-                    raise
-                finally:
-                    self._busy.discard(connection)
-        except TimeoutError:
-            raise ConnectError(
-                Code.DEADLINE_EXCEEDED, f"no answer to {method} within {timeout_ms} ms"
-            ) from None
-        except OSError as exc:
-            raise ConnectError(Code.UNAVAILABLE, f"cannot reach the replica: {exc}") from exc
-        self._release(connection)
-        if status != 200:
-            raise _error(status, payload)
-        try:
-            return response_type.FromString(payload)
-        except DecodeError as exc:
-            raise ConnectError(Code.INTERNAL, f"undecodable {method} answer: {exc}") from exc
+        self._busy.add(connection)
+        timer = asyncio.get_running_loop().call_later(
+            timeout_ms / 1000, connection.fail,
+            ConnectError(Code.DEADLINE_EXCEEDED, f"no answer to {method} within {timeout_ms} ms"),
+        )  # fmt: skip
 
-    async def _acquire(self) -> _Connection:
+        def answered(answer: tuple[int, bytes] | ConnectError) -> None:
+            timer.cancel()
+            self._busy.discard(connection)
+            if isinstance(answer, ConnectError):
+                done(None, answer)
+                return
+            self._release(connection)
+            status, payload = answer
+            try:
+                reply = _decode(method, response_type, status, payload)
+            except ConnectError as exc:
+                done(None, exc)
+                return
+            done(reply, None)
+
+        connection.send(head.encode("latin-1") + body, answered)
+
+    def _idle_connection(self) -> _Connection | None:
         while self._idle:
             connection = self._idle.pop()
             if not connection.closed:
-                self._busy.add(connection)
                 return connection
+        return None
+
+    async def _connect(self) -> _Connection:
         _, connection = await asyncio.get_running_loop().create_connection(
             _Connection, self.host, self.port, ssl=self.ssl
         )
-        self._busy.add(connection)
         return connection
 
     def _release(self, connection: _Connection) -> None:
@@ -221,6 +282,15 @@ class ReplicaChannel:
             connection.close()
         else:
             self._idle.append(connection)
+
+
+def _decode(method: str, response_type: type[ResponseT], status: int, payload: bytes) -> ResponseT:
+    if status != 200:
+        raise _error(status, payload)
+    try:
+        return response_type.FromString(payload)
+    except DecodeError as exc:
+        raise ConnectError(Code.INTERNAL, f"undecodable {method} answer: {exc}") from exc
 
 
 def _error(status: int, payload: bytes) -> ConnectError:

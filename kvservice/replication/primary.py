@@ -11,10 +11,12 @@ the WAL still reaches back, else a full resync (the newest snapshot file,
 streamed in pieces, then the entries after it) -> stream live entries from
 the commit feed, with a heartbeat push when idle. Up to PUSH_WINDOW pushes
 are in flight (each continues where the one before ends, without waiting for
-its answer); while some are, new entries wait a few milliseconds to share a
-push (each costs the primary CPU whatever it carries). A failure or refusal
-of any of them ends the session, and the next one resumes from where the
-replica really is (its probe says). While a session runs, the replica holds
+its answer). Live entries are pushed from the event-loop pass that made them
+durable, and each answer is handled in the pass that reads it (`_pump`, over
+the replication channel's callbacks): under load a pass serves dozens of
+requests, so every task wake-up on the way would add milliseconds of lag. A
+failure or refusal of any push ends the session, and the next one resumes
+from where the replica really is (its probe says). While a session runs, the replica holds
 the WAL it still needs (retention), so a transfer under load completes in one
 attempt. Failures are retried with tenacity: exponential backoff with jitter,
 capped at repl_retry_max_seconds, reset once a session made progress; every
@@ -33,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from connectrpc.errors import ConnectError
 from tenacity import (
@@ -71,28 +73,17 @@ INSTALL_TIMEOUT_MS = 600_000
 # few thousand writes/s); with more, the replica applies the next batches while the
 # previous one's fsync runs (its group commit covers them all). The window only bounds
 # how long a slow fsync or answer can hold the stream: 3 measured better than 2 for the
-# same CPU (bench/results/replication.md).
+# same CPU (bench/results/replication.md). Entries are not held back to share a push:
+# over the replication channel a push costs the primary ~100-130 us of CPU
+# (bench/pushcost.py), so one per group commit stays within the CPU target.
 PUSH_WINDOW = 3
-# Each push costs the primary ~350-450 us of CPU whatever it carries (connect-python,
-# asyncio, the HTTP client), so a push while others are in flight must be worth it.
-# It goes at once when nothing is in flight (as with a window of one) or the entries
-# waiting reach COALESCE_ENTRIES or COALESCE_BYTES; otherwise once every push out is
-# answered or COALESCE_SECONDS passed. So pushes are paced by round trips (as with a
-# window of one), plus at most one per COALESCE_SECONDS while round trips are slow.
-# 10 ms: that caps the extra pushes at 100/s per replica, about what a window of one
-# sends at the maximum write rate (~12 ms round trips), so the CPU per write stays near
-# it, while an entry waits at most 10 ms of the 25 ms lag budget instead of a whole slow
-# round trip (bench/results/replication.md, 2026-11-28 17:40).
-COALESCE_SECONDS = 0.010
-COALESCE_ENTRIES = 256
-COALESCE_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
 class InFlight:
     """A push sent and not yet checked."""
 
-    answer: asyncio.Task[PushResponse]
+    answer: asyncio.Future[PushResponse]
     carries_entries: bool
 
 
@@ -139,6 +130,12 @@ class Sender:
         self._trouble: asyncio.Future[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        # While following the feed: its subscription, and how the follow ends early (a
+        # push failed or was refused, the feed overflowed, this primary was fenced).
+        self._live: Subscription | None = None
+        self._follow_end: asyncio.Future[BaseException] | None = None
+        self._paused = False  # a heartbeat is out: live pushes wait for its answer
+        self._pushes = 0  # pushes sent (a follow is idle when this did not move)
         peers = manager.peers
         self._channel = ReplicaChannel(
             url, timeout_ms=PUSH_TIMEOUT_MS, headers=peers.headers, ssl_context=peers.ssl_context
@@ -318,81 +315,61 @@ class Sender:
             await self._send(batch)
 
     async def _follow(self, subscription: Subscription) -> None:
-        while True:
-            batch = await self._next_entries(subscription)
-            if batch:
+        """Ship live entries as they become durable (`_pump`, called by the feed and by
+        every answer); this task only sends a heartbeat when a whole interval passed
+        without a push, and ends the follow when a push failed or the pump stopped."""
+        trouble = self._trouble
+        assert trouble is not None, "streaming outside a session"
+        end = self._follow_end = asyncio.get_running_loop().create_future()
+        self._live = subscription
+        subscription.listener = self._pump
+        try:
+            self._pump()
+            while True:
+                pushes = self._pushes
+                await asyncio.wait((trouble, end), timeout=self.heartbeat,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                if end.done():
+                    raise end.result()
+                if trouble.done():
+                    await self._settle_all()  # raises at the push that failed
+                if self._pushes == pushes:
+                    await self._heartbeat()
+        finally:
+            subscription.listener = None
+            self._live = self._follow_end = None
+
+    def _pump(self) -> None:
+        """Push what the feed holds now, while fewer than PUSH_WINDOW pushes are out.
+        Runs in the event-loop pass that published the entries or read an answer, so
+        no task wake-up stands between an entry's durability and its push."""
+        subscription, end = self._live, self._follow_end
+        if subscription is None or end is None or end.done() or self._paused:
+            return
+        try:
+            self._settle_answered()
+            while len(self._in_flight) < PUSH_WINDOW:
+                batch = subscription.get_nowait(self.batch_entries)
+                if not batch:
+                    return
                 self._stamp(batch)
-                batch = await self._coalesce(subscription, batch)
-            else:
-                await self._settle_all()  # a heartbeat continues what the replica holds
-            for part in _by_bytes(batch, self.batch_bytes) if batch else [[]]:
-                await self._send(part)
+                for part in _by_bytes(batch, self.batch_bytes):
+                    self._push_now(part)
+        except Exception as exc:  # (raised here, it would end the WAL's commit callback)
+            end.set_result(exc)
 
-    async def _coalesce(
-        self, subscription: Subscription, batch: list[Committed]
-    ) -> list[Committed]:
-        """`batch` and the entries that came after it, once worth a push of their own: at
-        once when no push is in flight or `batch` is big, else once every push in flight
-        is answered or COALESCE_SECONDS passed, whichever comes first. (The feed is not
-        watched meanwhile: a wake-up per answer, not one per group commit.)"""
-        enough = min(COALESCE_ENTRIES, self.batch_entries)
-        if len(batch) >= enough or sum(len(item.record) for item in batch) >= COALESCE_BYTES:
-            return batch
-        deadline = time.monotonic() + COALESCE_SECONDS
-        while self._pushes_out() and not self._failed() and time.monotonic() < deadline:
-            await self._next_answer_or_failure(deadline)
-        more = subscription.get_nowait(self.batch_entries - len(batch))
-        self._stamp(more)
-        return batch + more
-
-    def _failed(self) -> bool:
-        """Whether a push of this session failed or was refused (the next _send raises)."""
-        return self._trouble is not None and self._trouble.done()
-
-    def _pushes_out(self) -> bool:
-        """Whether pushes are still in flight, once the answers already in are checked
-        (raises like _check at a push that failed or was refused)."""
-        self._settle_answered()
-        return bool(self._in_flight)
-
-    async def _next_answer_or_failure(self, deadline: float) -> None:
-        """Wait until a push in flight is answered, one fails, or `deadline` (monotonic)."""
-        trouble = self._trouble
-        assert trouble is not None, "streaming outside a session"
-        waiting: list[asyncio.Future[Any]] = [
-            push.answer for push in self._in_flight if not push.answer.done()
-        ]
-        if waiting:  # (else the answers are in, but an older one only now: settled next)
-            await asyncio.wait(
-                [*waiting, trouble],
-                timeout=max(0.0, deadline - time.monotonic()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-
-    async def _next_entries(self, subscription: Subscription) -> list[Committed]:
-        """The next entries from the feed, or [] once none came for a heartbeat interval;
-        raises as soon as a push in flight failed (the session is over)."""
-        trouble = self._trouble
-        assert trouble is not None, "streaming outside a session"
-        if not trouble.done():
-            batch = subscription.get_nowait(self.batch_entries)
-            if batch:  # (under load, usually: no task, no timer)
-                return batch
-            getter = asyncio.ensure_future(subscription.get(self.batch_entries))
-            try:
-                await asyncio.wait(
-                    (getter, trouble), timeout=self.heartbeat, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                if not getter.done():
-                    getter.cancel()  # (before it took anything: it only waits)
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await getter
-            if getter.done() and not getter.cancelled():
-                return getter.result()  # (raises FeedOverflow or ShuttingDown)
-        if trouble.done():
-            await self._settle_all()  # raises at the push that failed
-        return []
+    async def _heartbeat(self) -> None:
+        """An empty push continuing what the replica holds, with the store's digest
+        when idle. Live pushes wait for its answer (one sent meanwhile could be
+        applied before it, and it would then no longer continue the replica's log)."""
+        self._paused = True
+        try:
+            await self._settle_all()
+            await self._send([])
+            await self._settle_all()
+        finally:
+            self._paused = False
+        self._pump()
 
     async def _send(self, batch: list[Committed]) -> None:
         """Push `batch` after what was sent before, without waiting for the answers to
@@ -400,14 +377,44 @@ class Sender:
         self._settle_answered()
         while len(self._in_flight) >= PUSH_WINDOW:
             await self._settle_oldest()
-        records = [item.record for item in batch]
-        answer = asyncio.create_task(self._push(self.sent, records, self._digest_for(batch)))
+        self._push_now(batch)
+
+    def _push_now(self, batch: list[Committed]) -> None:
+        """Send `batch` after what was sent before, now: on an idle connection of the
+        channel with its answer handled as it is read, else (connecting) from a task."""
+        request = self._request(self.sent, [item.record for item in batch], self._digest_for(batch))
+        answer: asyncio.Future[PushResponse]
+        answer = asyncio.get_running_loop().create_future()
+        if not self._channel.push_nowait(request, lambda reply, error: self._answered(
+            answer, reply, error)):  # fmt: skip
+            answer = asyncio.ensure_future(self._push_request(request))
+            answer.add_done_callback(lambda _: self._pump())
         trouble = self._trouble
         if trouble is not None:
             answer.add_done_callback(lambda done: _signal_failure(done, trouble))
         self._in_flight.append(InFlight(answer, bool(batch)))
+        self._pushes += 1
         if batch:
             self.sent = batch[-1].revision
+
+    def _answered(
+        self,
+        answer: asyncio.Future[PushResponse],
+        reply: PushResponse | None,
+        error: BaseException | None,
+    ) -> None:
+        """A push sent by _push_now was answered (or failed): note it, push more."""
+        if reply is not None:
+            try:
+                self._note_reply(reply)
+            except ShuttingDown as exc:
+                error = exc
+        if not answer.done():
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(reply)  # type: ignore[arg-type]
+        self._pump()
 
     def _settle_answered(self) -> None:
         """Check the answers already in, oldest first (raises like _check)."""
@@ -465,10 +472,23 @@ class Sender:
     async def _push(
         self, prev_revision: int, records: list[bytes], digest: tuple[int, int] | None = None
     ) -> PushResponse:
+        return await self._push_request(self._request(prev_revision, records, digest))
+
+    def _request(
+        self, prev_revision: int, records: list[bytes], digest: tuple[int, int] | None
+    ) -> PushRequest:
         request = PushRequest(primary=self._info(), prev_revision=prev_revision, records=records)
         if digest is not None:
             request.digest_revision, request.digest = digest
+        return request
+
+    async def _push_request(self, request: PushRequest) -> PushResponse:
         reply = await self._channel.push(request)
+        self._note_reply(reply)
+        return reply
+
+    def _note_reply(self, reply: PushResponse) -> None:
+        """Fence on a newer epoch; note the replica's durable revision."""
         if reply.epoch > self.manager.state.epoch:
             # A newer primary exists: stop taking writes at once (fencing).
             self.manager.fence(reply.epoch, reply.primary_url)
@@ -477,7 +497,6 @@ class Sender:
             # (Only an answer in our history counts: another's revisions mean nothing here.)
             self._acknowledged(reply.durable_revision)
             self.manager.note_ack()
-        return reply
 
     def _info(self) -> PrimaryInfo:
         state = self.manager.state
@@ -610,7 +629,7 @@ def _by_bytes(batch: list[Committed], limit: int) -> list[list[Committed]]:
     return parts
 
 
-def _signal_failure(answer: asyncio.Task[PushResponse], trouble: asyncio.Future[None]) -> None:
+def _signal_failure(answer: asyncio.Future[PushResponse], trouble: asyncio.Future[None]) -> None:
     """A push's answer came (or it failed): wake the session when it was not applied."""
     failed = answer.cancelled() or answer.exception() is not None
     if (failed or answer.result().result != PushResult.PUSH_RESULT_OK) and not trouble.done():
