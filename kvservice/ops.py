@@ -40,8 +40,8 @@ MAX_TTL_MS: Final = 100 * 365 * 24 * 3600 * 1000
 INT64_MIN: Final = -(1 << 63)
 INT64_MAX: Final = (1 << 63) - 1
 # What Redis INCR accepts: an optional minus sign and digits, no spaces, no "+",
-# no leading zeros (so the text round-trips).
-_COUNTER: Final = re.compile(rb"-?(0|[1-9][0-9]{0,18})")
+# no leading zeros and no "-0" (so the text round-trips).
+_COUNTER: Final = re.compile(rb"0|-?[1-9][0-9]{0,18}")
 
 
 @dataclass(frozen=True)

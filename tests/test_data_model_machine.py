@@ -15,7 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvservice.engine import SLOT_MS, unpack
 from kvservice.errors import ConditionFailed, KeyNotFound, NotACounter
-from kvservice.ops import INT64_MAX, INT64_MIN
+from kvservice.ops import INT64_MAX, INT64_MIN, parse_counter
 from kvservice.storage import record
 from kvservice.v1.kv_pb2 import (
     Condition,
@@ -30,7 +30,7 @@ from tests.nodes import LoopNode
 KEYS = ["a", "b", "c", "room:1", "ключ"]
 keys = st.sampled_from(KEYS)
 values = st.one_of(
-    st.sampled_from([b"0", b"7", b"-5", b"abc", b"", b"007", str(INT64_MAX).encode()]),
+    st.sampled_from([b"0", b"7", b"-5", b"-0", b"abc", b"", b"007", str(INT64_MAX).encode()]),
     st.binary(max_size=32),
 )
 ttls = st.sampled_from([0, 0, 1, 150, 500, 3000])
@@ -332,3 +332,19 @@ DataModelMachine.TestCase.settings = settings(
     max_examples=100, stateful_step_count=30, deadline=None
 )
 test_data_model_matches_model = DataModelMachine.TestCase
+
+
+@pytest.mark.parametrize(
+    "text", [b"-0", b"007", b"+1", b" 1", b"1 ", b"", b"-", b"1e3", b"9223372036854775808"]
+)
+def test_not_a_counter(text: bytes) -> None:
+    """What Redis's INCR refuses: the text must round-trip through int64."""
+    with pytest.raises(NotACounter):
+        parse_counter("k", text)
+
+
+@pytest.mark.parametrize(
+    "text", [b"0", b"7", b"-5", b"9223372036854775807", b"-9223372036854775808"]
+)
+def test_a_counter(text: bytes) -> None:
+    assert str(parse_counter("k", text)).encode() == text
