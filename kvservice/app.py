@@ -46,6 +46,11 @@ def _method_names(service: str) -> frozenset[str]:
     return frozenset(m.name for m in kv_pb2.DESCRIPTOR.services_by_name[service].methods)
 
 
+def _streaming_method_names(service: str) -> frozenset[str]:
+    methods = kv_pb2.DESCRIPTOR.services_by_name[service].methods
+    return frozenset(m.name for m in methods if m.server_streaming or m.client_streaming)
+
+
 def _get_paths() -> frozenset[str]:
     """Paths of the methods marked NO_SIDE_EFFECTS: only these may be sent as HTTP GET.
 
@@ -158,6 +163,7 @@ def create_app(
         metrics,
         kv.path + "/",
         methods=_method_names("KVStore"),
+        streaming=_streaming_method_names("KVStore"),
         log_access=settings.access_log,
     )
 

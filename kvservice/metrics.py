@@ -359,6 +359,7 @@ class RpcMetricsMiddleware:
         prefix: str,
         *,
         methods: frozenset[str],
+        streaming: frozenset[str] = frozenset(),
         log_access: bool,
     ) -> None:
         self.app = app
@@ -366,6 +367,8 @@ class RpcMetricsMiddleware:
         self.prefix = prefix
         # Made-up method names are counted as "unknown": one series each would be unbounded.
         self.methods = methods
+        # Their answers are 200 whatever happens: the code is in the end-of-stream message.
+        self.streaming = streaming
         self.log_access = log_access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -379,19 +382,27 @@ class RpcMetricsMiddleware:
         started = time.perf_counter()
         status = 0
         error_body = b""
+        streaming = method in self.streaming
+        last_chunk = b""
 
         async def observing_send(message: Message) -> None:
-            nonlocal status, error_body
+            nonlocal status, error_body, last_chunk
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif status != 200 and message["type"] == "http.response.body":
-                error_body += message.get("body", b"")
+            elif message["type"] == "http.response.body":
+                if streaming:
+                    last_chunk = message.get("body", b"") or last_chunk
+                elif status != 200:
+                    error_body += message.get("body", b"")
             await send(message)
 
         try:
             await self.app(scope, receive, observing_send)
         finally:
-            code = "ok" if status == 200 else _connect_code(status, error_body)
+            if status != 200:
+                code = _connect_code(status, error_body)
+            else:
+                code = _end_of_stream_code(last_chunk) if streaming else "ok"
             seconds = time.perf_counter() - started
             self.metrics.rpcs.record(method, code, seconds)
             if self.log_access:
@@ -404,6 +415,23 @@ class RpcMetricsMiddleware:
                         "client": f"{client[0]}:{client[1]}" if client else None,
                     },
                 )  # fmt: skip
+
+
+def _end_of_stream_code(chunk: bytes) -> str:
+    """The Connect code in a stream's end-of-stream message (flag 0x02), which
+    connect-python sends as the last body chunk: its `error.code`, or "ok" without
+    one; "canceled" when the stream ended without it (the client went away)."""
+    offset = 0
+    while offset + 5 <= len(chunk):
+        flags, size = chunk[offset], int.from_bytes(chunk[offset + 1 : offset + 5], "big")
+        if flags & 0x02:
+            try:
+                error = json.loads(chunk[offset + 5 : offset + 5 + size]).get("error")
+            except (ValueError, AttributeError):
+                return "unknown"
+            return str(error.get("code", "unknown")) if isinstance(error, dict) else "ok"
+        offset += 5 + size
+    return "canceled"
 
 
 def _connect_code(status: int, body: bytes) -> str:

@@ -455,6 +455,11 @@ def test_too_many_streams_is_resource_exhausted(make_server: MakeServer) -> None
             assert three.next() is None
     assert three.error_code() == "resource_exhausted"
     assert "setting watch_max_streams" in three.error_message()
+    # The RPC metrics count a stream by the code its end-of-stream message carries
+    # (the HTTP status of a stream is 200 whatever happens).
+    metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+    assert 'kvservice_rpc_requests_total{code="resource_exhausted",method="Watch"} 1.0' in metrics
+    assert 'code="ok",method="Watch"' not in metrics, "no stream here ended normally"
 
 
 def test_a_jwt_holder_cannot_watch_outside_its_prefix(
