@@ -226,3 +226,24 @@ def test_push_nowait_sends_on_an_idle_connection_and_calls_back_with_the_answer(
             assert len(accepted) == 1
 
     asyncio.run(scenario())
+
+
+def test_abort_ends_the_calls_in_progress() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(10)
+
+    async def scenario() -> ConnectError:
+        async with peer(silent) as (url, _):
+            channel = ReplicaChannel(url, timeout_ms=5_000)
+            call = asyncio.ensure_future(channel.push(PushRequest()))
+            await asyncio.sleep(0.2)  # (sent, no answer)
+            channel.abort()
+            try:
+                return await connect_error(call)
+            finally:
+                await channel.close()
+
+    error = asyncio.run(scenario())
+    assert error.code == Code.UNAVAILABLE
+    assert "abandoned" in error.message

@@ -187,6 +187,11 @@ class ReplicaChannel:
     ) -> InstallSnapshotResponse:
         return await self._call("InstallSnapshot", request, InstallSnapshotResponse, timeout_ms)
 
+    def abort(self) -> None:
+        """End the calls in progress (`unavailable`) and drop their connections."""
+        for connection in list(self._busy):
+            connection.fail(ConnectError(Code.UNAVAILABLE, "call abandoned"))
+
     async def close(self) -> None:
         for connection in [*self._idle, *self._busy]:
             connection.close()

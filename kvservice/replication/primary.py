@@ -404,6 +404,8 @@ class Sender:
         error: BaseException | None,
     ) -> None:
         """A push sent by _push_now was answered (or failed): note it, push more."""
+        if answer.cancelled():  # the session was abandoned: its answers mean nothing now
+            return
         if reply is not None:
             try:
                 self._note_reply(reply)
@@ -439,6 +441,7 @@ class Sender:
         for answer in pushes:
             answer.cancel()
         if pushes:
+            self._channel.abort()  # (their answers would arrive into the next session)
             await asyncio.wait(pushes)
         self._trouble = None
 
