@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -139,8 +140,11 @@ def check_settings(settings: Settings) -> None:
     tls.check(settings)
 
 
-def harden(config: uvicorn.Config, settings: Settings) -> None:
-    """TLS, the hardened HTTP protocol and connection limit; SIGHUP reloads credentials."""
+def harden(
+    config: uvicorn.Config, settings: Settings, also_on_sighup: Callable[[], None] | None = None
+) -> None:
+    """TLS, the hardened HTTP protocol and connection limit; SIGHUP reloads credentials
+    (and runs `also_on_sighup`: the node's own credentials for calling its peers)."""
     tls.configure(config, settings)
     config.http = transport.protocol_class(settings)
     if settings.max_connections:
@@ -154,5 +158,7 @@ def harden(config: uvicorn.Config, settings: Settings) -> None:
         if security is not None:
             security.reload()
         tls.reload(config, settings)
+        if also_on_sighup is not None:
+            also_on_sighup()
 
     signal.signal(signal.SIGHUP, on_sighup)

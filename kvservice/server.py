@@ -224,7 +224,8 @@ def serve(settings: Settings, recovery: Recovery) -> None:
         server_header=False,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
     )
-    harden(config, settings)  # TLS, slow-client limits, SIGHUP reload
+    # TLS, slow-client limits, SIGHUP reload (of the peer credentials too)
+    harden(config, settings, lambda: replication.peers.reload(settings))
     try:
         Server(config, on_first_signal=on_first_signal).run()
     except SystemExit as exc:

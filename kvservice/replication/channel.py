@@ -159,11 +159,12 @@ class ReplicaChannel:
         self.timeout_ms = timeout_ms
         authority = parts.netloc.rpartition("@")[2]
         self._base = parts.path.rstrip("/")
-        # Every request's header lines but the per-call ones.
-        lines = [f"host: {authority}", "content-type: application/proto",
-                 "connect-protocol-version: 1", "user-agent: kvservice-replication",
-                 *(f"{name}: {value}" for name, value in (headers or {}).items())]  # fmt: skip
-        self._common = "\r\n".join(lines)
+        # Every request's fixed header lines; `headers` is read at every call (the
+        # node's peer token is reloaded in place on SIGHUP).
+        self._fixed = (f"host: {authority}\r\ncontent-type: application/proto\r\n"
+                       "connect-protocol-version: 1\r\n"
+                       "user-agent: kvservice-replication\r\n")  # fmt: skip
+        self._headers = headers if headers is not None else {}
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
 
@@ -243,7 +244,8 @@ class ReplicaChannel:
         done: Done[ResponseT],
     ) -> None:
         body = request.SerializeToString()
-        head = (f"POST {self._base}{SERVICE}{method} HTTP/1.1\r\n{self._common}\r\n"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in self._headers.items())
+        head = (f"POST {self._base}{SERVICE}{method} HTTP/1.1\r\n{self._fixed}{extra}"
                 f"connect-timeout-ms: {timeout_ms}\r\n"
                 f"content-length: {len(body)}\r\n\r\n")  # fmt: skip
         self._busy.add(connection)

@@ -4,6 +4,8 @@ pusher without one and a primary refuses an announcement without one; with
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,29 @@ def test_replication_needs_a_replication_credential(make_server, tmp_path: Path)
     with KVStoreClientSync(replica.url, timeout_ms=5000) as client:
         got = client.get(GetRequest(key="k", min_revision=revision), headers=client_headers)
     assert got.value == b"v"
+
+    # Rotating the node token with SIGHUP, no restart: once the replica only accepts
+    # the new token, the primary's pushes are refused; once the primary presents it
+    # (its repl_token_file re-read), writes replicate again.
+    rotated = "node-secret-2"
+    write_tokens(tokens, {
+        rotated: {"name": "nodes", "roles": ["replication", "admin"]},
+        ADMIN: {"name": "ops", "roles": ["admin"]},
+        CLIENT: {"name": "chat-backend", "roles": ["read", "write"]},
+    })  # fmt: skip
+    os.kill(replica.proc.pid, signal.SIGHUP)
+    with KVStoreClientSync(primary.url, timeout_ms=5000) as client:
+        client.set(SetRequest(key="k", value=b"v2"), headers=client_headers)
+    wait_for(
+        "the old token refused",
+        lambda: "unauthenticated" in status(primary.url).replicas[0].last_error,
+    )
+    node_token.write_text(rotated + "\n")
+    os.kill(primary.proc.pid, signal.SIGHUP)
+    os.kill(replica.proc.pid, signal.SIGHUP)  # (its announcements present the new one too)
+    with KVStoreClientSync(primary.url, timeout_ms=5000) as client:
+        revision = client.set(SetRequest(key="k", value=b"v3"), headers=client_headers).revision
+    with KVStoreClientSync(replica.url, timeout_ms=10_000) as client:
+        got = client.get(GetRequest(key="k", min_revision=revision), headers=client_headers)
+    assert got.value == b"v3"
+    assert status(primary.url).replicas[0].state == "streaming"
