@@ -20,7 +20,7 @@ from kvservice.storage.segments import list_segments, list_snapshots, segment_re
 from kvservice.v1.kv_pb2 import DeleteRequest, GetRequest, SetRequest
 from tests.faults import disk
 from tests.faults.logs import find
-from tests.faults.shim import build_shim, shim_env
+from tests.faults.shim import shim_env
 from tests.faults.workload import (
     Burst,
     State,
@@ -37,12 +37,6 @@ pytestmark = pytest.mark.integration
 
 MakeServer = Callable[..., ServerProcess]
 EXIT_STORAGE = 3
-
-
-@pytest.fixture(scope="module")
-def fault_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The LD_PRELOAD shim of tests/faults/shim.c, compiled once for this module."""
-    return build_shim(tmp_path_factory.mktemp("shim"))
 
 
 def stop_cleanly(server: ServerProcess) -> None:

@@ -21,7 +21,7 @@ from kvservice.storage.wal import Wal
 from kvservice.v1.kv_pb2 import GetRequest, SetRequest
 from kvservice.v1.log_pb2 import LogEntry
 from tests.faults.logs import find
-from tests.faults.shim import build_shim, shim_env
+from tests.faults.shim import shim_env
 from tests.faults.workload import (
     Burst,
     assert_holds,
@@ -38,12 +38,6 @@ MakeServer = Callable[..., ServerProcess]
 SHUTDOWN_TIMEOUT = 3.0
 # Interpreter teardown, closing files and the fsync at exit, on a loaded 2-core machine.
 EXIT_SLACK = 4.0
-
-
-@pytest.fixture(scope="module")
-def fault_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The LD_PRELOAD shim of tests/faults/shim.c, compiled once for this module."""
-    return build_shim(tmp_path_factory.mktemp("shim"))
 
 
 def _signal(server: ServerProcess, sig: signal.Signals) -> None:
