@@ -404,8 +404,11 @@ class KVStoreService:
     async def scan(self, request: ScanRequest, ctx: RequestContext[Any, Any]) -> ScanResponse:
         if request.min_revision > self.node.store.revision:
             await self._wait_for(request.min_revision, ctx)
+        # The first Scan builds the key index, in steps (other requests run between).
+        while not (store := self.node.store).key_index.built:
+            await store.key_index.ready()  # (again if a snapshot install replaced it)
         # No await from here on: the whole page is read at one revision.
-        return read_page(self.node.store, request, self.scan_limits)
+        return read_page(store, request, self.scan_limits)
 
     async def watch(
         self, request: WatchRequest, ctx: RequestContext[Any, Any]

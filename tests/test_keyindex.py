@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from sortedcontainers import SortedList
 
 from kvservice.engine import BATCH, DELETE, SET, Store, pack
-from kvservice.keyindex import KeyIndex
+from kvservice.keyindex import KeyIndex, _sorted_list_of_runs
 from kvservice.v1.log_pb2 import LogEntry
 
 # Few distinct characters, so keys share prefixes and collide; non-ASCII ones of
@@ -129,3 +132,77 @@ def test_the_index_is_sorted_on_the_first_scan_not_at_load() -> None:
 
 TestStoreIndexMatchesDict = StoreIndexMatchesDict.TestCase
 TestStoreIndexMatchesDict.settings = settings(max_examples=100, stateful_step_count=40)
+
+
+# -- the stepped build (the service's first Scan) -------------------------------------
+
+
+def test_a_sorted_list_built_from_sorted_keys_is_a_sorted_list() -> None:
+    """_sorted_list_of_runs skips SortedList's own sort: the result must behave the
+    same, whatever the runs' lengths (up to the load factor)."""
+    words = sorted(f"k{i:05d}" for i in range(2500))
+    runs, pos = [], 0
+    for length in (1, 1000, 7, 999, 493):  # (the lengths a stepped build makes vary)
+        runs.append(words[pos : pos + length])
+        pos += length
+    mine, theirs = _sorted_list_of_runs(runs), SortedList(words)
+    assert list(mine) == list(theirs)
+    for key in ("k00000", "k01234", "k99999", "a", "k01234x"):
+        mine.add(key)
+        theirs.add(key)
+    for key in ("k00001", "k02499", "absent"):
+        mine.discard(key)
+        theirs.discard(key)
+    assert list(mine) == list(theirs)
+    assert list(mine.irange("k012", "k013")) == list(theirs.irange("k012", "k013"))
+    assert mine.bisect_left("k02000") == theirs.bisect_left("k02000")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sets(keys, min_size=0, max_size=400), st.lists(st.tuples(st.booleans(), keys)))
+def test_a_stepped_build_with_writes_between_its_steps_lists_every_key(
+    initial: set[str], changes: list[tuple[bool, str]]
+) -> None:
+    """The store creates and removes keys while the build yields between steps; the
+    index built at the end lists exactly the keys the store then holds, in order."""
+    model = set(initial)
+    index = KeyIndex(model, step_keys=7)
+    turns = 0
+
+    async def writer() -> None:
+        nonlocal turns
+        await asyncio.sleep(0)  # (the build starts first)
+        for create, key in changes:
+            if create and key not in model:
+                model.add(key)
+                index.add(key)
+            elif not create:
+                model.discard(key)
+                index.discard(key)
+            turns += index._changes is not None  # (a build was under way)
+            await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        await asyncio.gather(index.ready(), writer())
+
+    asyncio.run(scenario())
+    assert index.built
+    assert list(index.keys_from("")) == model_range(model, "", "")
+    if len(initial) > 7 and changes:
+        assert turns > 0, "the writer ran between the build's steps"
+
+
+def test_a_build_stopped_by_a_new_source_builds_that_one() -> None:
+    first = {f"a{i}" for i in range(1000)}
+    second = {f"b{i}" for i in range(500)}
+    index = KeyIndex(first, step_keys=50)
+
+    async def scenario() -> None:
+        build = asyncio.ensure_future(index.ready())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        index.rebuild(second)  # (a snapshot was installed meanwhile)
+        await build
+
+    asyncio.run(scenario())
+    assert list(index.keys_from("")) == sorted(second)
