@@ -14,6 +14,7 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
+from kvservice.replication import channel as channel_module
 from kvservice.replication.channel import MAX_RESPONSE_BYTES, ReplicaChannel
 from kvservice.v1.replication_pb2 import PushRequest, PushResponse, PushResult
 
@@ -247,3 +248,29 @@ def test_abort_ends_the_calls_in_progress() -> None:
     error = asyncio.run(scenario())
     assert error.code == Code.UNAVAILABLE
     assert "abandoned" in error.message
+
+
+def test_a_connection_idle_too_long_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers close idle keep-alive connections: one idle past MAX_IDLE_SECONDS is
+    replaced rather than written to as the server may be closing it."""
+    monkeypatch.setattr(channel_module, "MAX_IDLE_SECONDS", 0.05)
+
+    async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(answer(200, OK.SerializeToString()))
+            await writer.drain()
+
+    async def scenario() -> None:
+        async with peer(replica) as (url, accepted):
+            channel = ReplicaChannel(url, timeout_ms=2_000)
+            try:
+                assert await channel.push(PushRequest()) == OK
+                assert await channel.push(PushRequest()) == OK  # (reused: still fresh)
+                await asyncio.sleep(0.1)
+                assert await channel.push(PushRequest()) == OK
+            finally:
+                await channel.close()
+            assert len(accepted) == 2
+
+    asyncio.run(scenario())

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import ssl
+import time
 from collections.abc import Callable
 from typing import TypeVar, cast
 from urllib.parse import urlsplit
@@ -56,6 +57,10 @@ SERVICE = "/kvservice.v1.Replication/"
 MAX_RESPONSE_BYTES = 1 << 20
 # Idle connections kept per replica (as many as pushes in flight, plus a heartbeat).
 MAX_IDLE = 4
+# An idle connection is not reused after this long: servers close idle keep-alive
+# connections (uvicorn after 5 s), and a push written as the server closes one would
+# fail and cost the session a reconnect.
+MAX_IDLE_SECONDS = 2.0
 # Connect's code for an HTTP status when the body is not a Connect error.
 STATUS_CODES = {
     400: Code.INTERNAL, 401: Code.UNAUTHENTICATED, 403: Code.PERMISSION_DENIED,
@@ -79,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self.body = bytearray()
         self.closed = False
         self.keep_alive = True
+        self.idle_since = 0.0  # (time.monotonic() when last released to the pool)
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -272,10 +278,13 @@ class ReplicaChannel:
         connection.send(head.encode("latin-1") + body, answered)
 
     def _idle_connection(self) -> _Connection | None:
+        """The most recently used idle connection still worth reusing (None if none)."""
+        fresh_since = time.monotonic() - MAX_IDLE_SECONDS
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed:
+            if not connection.closed and connection.idle_since >= fresh_since:
                 return connection
+            connection.close()
         return None
 
     async def _connect(self) -> _Connection:
@@ -288,6 +297,7 @@ class ReplicaChannel:
         if connection.closed or not connection.keep_alive or len(self._idle) >= MAX_IDLE:
             connection.close()
         else:
+            connection.idle_since = time.monotonic()
             self._idle.append(connection)
 
 
