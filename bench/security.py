@@ -1,13 +1,17 @@
 """Get and Set throughput with security on, each against the plain node in the same run.
 
     python -m bench.security [--seconds 3] [--rounds 3] [--connections 64]
+    python -m bench.security --base-repo ../main   # before/after: main's nodes in the same rounds
     python -m bench.security --micro     # the whole ASGI app in process, per Get
 
 Five nodes run side by side (plain, static tokens, JWT, rate limiting with a
 limit never reached, TLS); every round runs each case once, alternating, and
 the table shows medians and the ratio to the plain node of the same round
 set. wrk sends the credential in an Authorization header. Sets run at
-fsync=no so the figure is the CPU cost of security, not of the disk.
+fsync=no so the figure is the CPU cost of security, not of the disk. With
+--base-repo, another checkout's plain, tokens, JWT and rate-limit nodes
+(`<case>@base`) run in the same rounds, each compared with `plain@base`: a
+before/after comparison that shares the machine's state minute by minute.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import statistics
 import sys
 import tempfile
@@ -29,7 +34,7 @@ import yaml
 from bench import dataset
 from bench.load import HttpLoad, run_http
 from bench.procs import Child, free_port, http_ok, tcp_open
-from bench.servers import REPO, Server, await_ready
+from bench.servers import REPO, Server, await_ready, kvservice_origin, repo_env
 from kvservice.app import create_app
 from kvservice.config import load
 from kvservice.metrics import Metrics
@@ -54,13 +59,15 @@ class Node:
         return f"{self.scheme}://127.0.0.1:{self.server.port}{path}"
 
 
-def start(work: Path, name: str, extra: list[str], token: str | None, tls: bool) -> Node:
+def start(
+    work: Path, name: str, extra: list[str], token: str | None, *, tls: bool, repo: Path = REPO
+) -> Node:
     port = free_port()
     argv = [
         sys.executable, "-m", "kvservice", "serve", "--host", "127.0.0.1", "--port", str(port),
         "--data-dir", str(work / name), "--fsync", "no", "--log-level", "warning", *extra,
     ]  # fmt: skip
-    child = Child(name, argv, work / f"{name}.log", cwd=REPO)
+    child = Child(name, argv, work / f"{name}.log", cwd=repo, env=repo_env(repo))
     server = Server(name, child.start(), port)
     if tls:
         await_ready(server, "listening", lambda: tcp_open(port))
@@ -69,7 +76,7 @@ def start(work: Path, name: str, extra: list[str], token: str | None, tls: bool)
     return Node(name, server, "https" if tls else "http", token)
 
 
-def nodes(work: Path) -> list[Node]:
+def nodes(work: Path, base_repo: Path | None = None) -> list[Node]:
     tokens = work / "tokens.yaml"
     entries = [
         {"name": f"client-{i}", "sha256": hashlib.sha256(f"other-{i}".encode()).hexdigest(),
@@ -90,6 +97,17 @@ def nodes(work: Path) -> list[Node]:
     pki = Pki.make(work / "pki")
     cert, key = pki.issue("server", server=True)
     auth = ["--auth", "token"]
+    tokens_flags = [*auth, "--tokens-file", str(tokens)]
+    jwt_flags = [*auth, "--jwt-hs256-secret-file", str(secret), "--jwt-audience", "kvservice"]
+    limit_flags = ["--rate-limit-rps", "1000000", "--rate-limit-burst", "1000000"]
+    base = []
+    if base_repo is not None:
+        base = [
+            start(work, "plain@base", [], None, tls=False, repo=base_repo),
+            start(work, "tokens@base", tokens_flags, TOKEN, tls=False, repo=base_repo),
+            start(work, "jwt@base", jwt_flags, jwt_token, tls=False, repo=base_repo),
+            start(work, "ratelimit@base", limit_flags, None, tls=False, repo=base_repo),
+        ]
     return [
         start(work, "plain", [], None, tls=False),
         # A second plain node: its ratio to the first is the noise floor of the run.
@@ -98,24 +116,13 @@ def nodes(work: Path) -> list[Node]:
         # (ignored: auth is off): what the header costs wrk's script and the HTTP
         # parser, so that auth's own cost is the ratio to this one.
         start(work, "plain-header", [], TOKEN, tls=False),
-        start(work, "tokens", [*auth, "--tokens-file", str(tokens)], TOKEN, tls=False),
-        start(
-            work,
-            "jwt",
-            [*auth, "--jwt-hs256-secret-file", str(secret), "--jwt-audience", "kvservice"],
-            jwt_token,
-            tls=False,
-        ),
-        start(
-            work,
-            "ratelimit",
-            ["--rate-limit-rps", "1000000", "--rate-limit-burst", "1000000"],
-            None,
-            tls=False,
-        ),
+        start(work, "tokens", tokens_flags, TOKEN, tls=False),
+        start(work, "jwt", jwt_flags, jwt_token, tls=False),
+        start(work, "ratelimit", limit_flags, None, tls=False),
         start(
             work, "tls", ["--tls-cert-file", str(cert), "--tls-key-file", str(key)], None, tls=True
         ),
+        *base,
     ]
 
 
@@ -138,10 +145,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--base-repo", type=Path, default=None,
+        help="another checkout whose plain/tokens/jwt/ratelimit nodes run in the same rounds",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.base_repo is not None:
+        kvservice_origin(args.base_repo)  # refuses a checkout that would import this one's code
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-security-") as tmp:
         work = Path(tmp)
-        running = nodes(work)
+        running = nodes(work, args.base_repo)
         try:
             for node in running:  # the hot key exists for Get; one request warms each node
                 run_case(node, "Set", work, 1, 4)
@@ -165,13 +179,18 @@ def main() -> None:
     cpu = {k: statistics.median(v) for k, v in cpu_us.items()}
     for node in running:
         cells = [node.name]
+        plain = "plain@base" if node.name.endswith("@base") else "plain"
         for op in ("Get", "Set"):
             rps, us = med[(node.name, op)], cpu[(node.name, op)]
-            base_rps, base_us = med[("plain", op)], cpu[("plain", op)]
+            base_rps, base_us = med[(plain, op)], cpu[(plain, op)]
             # For CPU the ratio is plain / case, so that both read "x plain speed".
             cells += [f"{rps:,.0f}", f"{rps / base_rps:.2f}", f"{us:.0f}", f"{base_us / us:.2f}"]
         print("| " + " | ".join(cells) + " |")
     print(f"\nother CPU (cores, median over all runs): {statistics.median(others):.2f}")
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before: {load_before}, after: {load_after}")
+    if args.base_repo is not None:
+        print(f"@base: {args.base_repo.resolve()}, each compared with plain@base")
 
 
 async def _app_loop(app: Any, headers: list[tuple[bytes, bytes]], body: bytes, n: int) -> float:
