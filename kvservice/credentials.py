@@ -65,7 +65,10 @@ class CredentialCache:
         None means: verify it (which also says why an expired one is refused)."""
         entries = self._entries  # (clear() may swap it from a SIGHUP handler meanwhile)
         found = entries.get(authorization)
-        if found is None or not found.not_before <= now <= found.not_after:
+        if found is None:
+            return None
+        if not found.not_before <= now <= found.not_after:
+            entries.pop(authorization, None)  # expired (or the clock went back): verify again
             return None
         entries.move_to_end(authorization)
         return found

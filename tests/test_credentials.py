@@ -37,8 +37,9 @@ def test_a_cached_credential_is_only_used_inside_its_validity_window() -> None:
     jwt = Credential(ALICE, "jwt:alice", None, not_before=100.0, not_after=200.0)
     cache.put(b"Bearer x", jwt)
     assert cache.get(b"Bearer x", 150.0) is jwt
-    assert cache.get(b"Bearer x", 200.5) is None
     assert cache.get(b"Bearer x", 99.0) is None
+    assert cache.get(b"Bearer x", 200.5) is None
+    assert len(cache) == 0  # one used outside its window is dropped
     assert cache.get(b"Bearer y", 150.0) is None  # only the exact header value
 
 
