@@ -1,21 +1,34 @@
 """Get and Set throughput with security on, each against the plain node in the same run.
 
     python -m bench.security [--seconds 3] [--rounds 3] [--connections 64]
+    python -m bench.security --base-repo ../main   # before/after: main's nodes in the same rounds
     python -m bench.security --micro     # the whole ASGI app in process, per Get
+    python -m bench.security --callgrind [--base-repo ../main]   # instructions per request
 
 Five nodes run side by side (plain, static tokens, JWT, rate limiting with a
 limit never reached, TLS); every round runs each case once, alternating, and
 the table shows medians and the ratio to the plain node of the same round
 set. wrk sends the credential in an Authorization header. Sets run at
-fsync=no so the figure is the CPU cost of security, not of the disk.
+fsync=no so the figure is the CPU cost of security, not of the disk. With
+--base-repo, another checkout's plain, tokens, JWT and rate-limit nodes
+(`<case>@base`) run in the same rounds, each compared with `plain@base`: a
+before/after comparison that shares the machine's state minute by minute.
+--callgrind counts the instructions each server executes per request instead
+(valgrind, one keep-alive client sending requests one at a time): slow, but
+other work on the machine does not change the count.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hashlib
+import http.client
+import os
+import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +42,7 @@ import yaml
 from bench import dataset
 from bench.load import HttpLoad, run_http
 from bench.procs import Child, free_port, http_ok, tcp_open
-from bench.servers import REPO, Server, await_ready
+from bench.servers import REPO, Server, await_ready, kvservice_origin, repo_env
 from kvservice.app import create_app
 from kvservice.config import load
 from kvservice.metrics import Metrics
@@ -54,13 +67,23 @@ class Node:
         return f"{self.scheme}://127.0.0.1:{self.server.port}{path}"
 
 
-def start(work: Path, name: str, extra: list[str], token: str | None, tls: bool) -> Node:
+def start(
+    work: Path,
+    name: str,
+    extra: list[str],
+    token: str | None,
+    *,
+    tls: bool,
+    repo: Path = REPO,
+    launcher: tuple[str, ...] = (),
+) -> Node:
     port = free_port()
     argv = [
-        sys.executable, "-m", "kvservice", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--data-dir", str(work / name), "--fsync", "no", "--log-level", "warning", *extra,
+        *launcher, sys.executable, "-m", "kvservice", "serve", "--host", "127.0.0.1",
+        "--port", str(port), "--data-dir", str(work / name), "--fsync", "no",
+        "--log-level", "warning", *extra,
     ]  # fmt: skip
-    child = Child(name, argv, work / f"{name}.log", cwd=REPO)
+    child = Child(name, argv, work / f"{name}.log", cwd=repo, env=repo_env(repo))
     server = Server(name, child.start(), port)
     if tls:
         await_ready(server, "listening", lambda: tcp_open(port))
@@ -69,7 +92,7 @@ def start(work: Path, name: str, extra: list[str], token: str | None, tls: bool)
     return Node(name, server, "https" if tls else "http", token)
 
 
-def nodes(work: Path) -> list[Node]:
+def nodes(work: Path, base_repo: Path | None = None, launcher: tuple[str, ...] = ()) -> list[Node]:
     tokens = work / "tokens.yaml"
     entries = [
         {"name": f"client-{i}", "sha256": hashlib.sha256(f"other-{i}".encode()).hexdigest(),
@@ -90,32 +113,32 @@ def nodes(work: Path) -> list[Node]:
     pki = Pki.make(work / "pki")
     cert, key = pki.issue("server", server=True)
     auth = ["--auth", "token"]
+    tokens_flags = [*auth, "--tokens-file", str(tokens)]
+    jwt_flags = [*auth, "--jwt-hs256-secret-file", str(secret), "--jwt-audience", "kvservice"]
+    limit_flags = ["--rate-limit-rps", "1000000", "--rate-limit-burst", "1000000"]
+    here = functools.partial(start, work, launcher=launcher)
+    base = []
+    if base_repo is not None:
+        there = functools.partial(start, work, repo=base_repo, launcher=launcher)
+        base = [
+            there("plain@base", [], None, tls=False),
+            there("tokens@base", tokens_flags, TOKEN, tls=False),
+            there("jwt@base", jwt_flags, jwt_token, tls=False),
+            there("ratelimit@base", limit_flags, None, tls=False),
+        ]
     return [
-        start(work, "plain", [], None, tls=False),
+        here("plain", [], None, tls=False),
         # A second plain node: its ratio to the first is the noise floor of the run.
-        start(work, "plain-again", [], None, tls=False),
+        here("plain-again", [], None, tls=False),
         # A plain node loaded with the same Authorization header as the auth cases
         # (ignored: auth is off): what the header costs wrk's script and the HTTP
         # parser, so that auth's own cost is the ratio to this one.
-        start(work, "plain-header", [], TOKEN, tls=False),
-        start(work, "tokens", [*auth, "--tokens-file", str(tokens)], TOKEN, tls=False),
-        start(
-            work,
-            "jwt",
-            [*auth, "--jwt-hs256-secret-file", str(secret), "--jwt-audience", "kvservice"],
-            jwt_token,
-            tls=False,
-        ),
-        start(
-            work,
-            "ratelimit",
-            ["--rate-limit-rps", "1000000", "--rate-limit-burst", "1000000"],
-            None,
-            tls=False,
-        ),
-        start(
-            work, "tls", ["--tls-cert-file", str(cert), "--tls-key-file", str(key)], None, tls=True
-        ),
+        here("plain-header", [], TOKEN, tls=False),
+        here("tokens", tokens_flags, TOKEN, tls=False),
+        here("jwt", jwt_flags, jwt_token, tls=False),
+        here("ratelimit", limit_flags, None, tls=False),
+        here("tls", ["--tls-cert-file", str(cert), "--tls-key-file", str(key)], None, tls=True),
+        *base,
     ]
 
 
@@ -133,15 +156,99 @@ def run_case(
     return result.rps, result.server_cpu / result.rps * 1e6, result.other_cpu
 
 
+def instructions(node: Node, op: str, work: Path, n: int) -> float:
+    """Instructions `node`'s server (run under callgrind, collection off) executes per
+    request over `n` sequential requests on one keep-alive connection."""
+    body = dataset.kv_body(op, "json")
+    headers = {"Content-Type": JSON}
+    if node.token:
+        headers["Authorization"] = f"Bearer {node.token}"
+    port = node.server.port
+    conn = (
+        http.client.HTTPSConnection(
+            "127.0.0.1", port, timeout=60, context=ssl._create_unverified_context()
+        )
+        if node.scheme == "https"
+        else http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    )
+
+    def send(count: int) -> None:
+        for _ in range(count):
+            conn.request("POST", KV + op, body, headers)
+            reply = conn.getresponse()
+            reply.read()
+            if reply.status != 200:
+                raise SystemExit(f"{node.name} {op}: HTTP {reply.status}: check setup")
+
+    pid = str(node.server.pid)
+    send(200)  # warm-up: lazy imports, caches, the hot key
+    subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
+    send(n)
+    subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
+    # A dump also zeroes the counters, so each dump holds one op's requests only.
+    subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+    conn.close()
+    dumps = sorted(work.glob(f"callgrind.{pid}.*"), key=lambda p: int(p.suffix[1:]))
+    for line in dumps[-1].read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1]) / n
+    raise SystemExit(f"{dumps[-1]} has no totals")
+
+
+def callgrind(args: argparse.Namespace) -> None:
+    """Instructions per Get and Set for each case (and each @base case)."""
+    with tempfile.TemporaryDirectory(prefix="bench-security-cg-") as tmp:
+        work = Path(tmp)
+        launcher = (
+            "valgrind", "--tool=callgrind", "--instr-atstart=no",
+            f"--callgrind-out-file={work}/callgrind.%p",
+        )  # fmt: skip
+        running = nodes(work, args.base_repo, launcher)
+        counts: dict[tuple[str, str], float] = {}
+        try:
+            for node in running:
+                for op in ("Get", "Set"):
+                    counts[(node.name, op)] = instructions(node, op, work, args.callgrind)
+        finally:
+            for node in running:
+                node.server.stop()
+    print(f"Instructions per request (callgrind, {args.callgrind} sequential requests each)\n")
+    print("| case | Get instr/req | x plain | Set instr/req | x plain |")
+    print("|---|---|---|---|---|")
+    for node in running:
+        cells = [node.name]
+        plain = "plain@base" if node.name.endswith("@base") else "plain"
+        for op in ("Get", "Set"):
+            count, base = counts[(node.name, op)], counts[(plain, op)]
+            cells += [f"{count:,.0f}", f"{base / count:.3f}"]  # plain / case: relative speed
+        print("| " + " | ".join(cells) + " |")
+    if args.base_repo is not None:
+        print(f"\n@base: {args.base_repo.resolve()}, each compared with plain@base")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument(
+        "--base-repo", type=Path, default=None,
+        help="another checkout whose plain/tokens/jwt/ratelimit nodes run in the same rounds",
+    )  # fmt: skip
+    parser.add_argument(
+        "--callgrind", type=int, default=0, metavar="N",
+        help="count instructions per request over N requests per case instead (valgrind)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.base_repo is not None:
+        kvservice_origin(args.base_repo)  # refuses a checkout that would import this one's code
+    if args.callgrind:
+        callgrind(args)
+        return
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-security-") as tmp:
         work = Path(tmp)
-        running = nodes(work)
+        running = nodes(work, args.base_repo)
         try:
             for node in running:  # the hot key exists for Get; one request warms each node
                 run_case(node, "Set", work, 1, 4)
@@ -165,13 +272,18 @@ def main() -> None:
     cpu = {k: statistics.median(v) for k, v in cpu_us.items()}
     for node in running:
         cells = [node.name]
+        plain = "plain@base" if node.name.endswith("@base") else "plain"
         for op in ("Get", "Set"):
             rps, us = med[(node.name, op)], cpu[(node.name, op)]
-            base_rps, base_us = med[("plain", op)], cpu[("plain", op)]
+            base_rps, base_us = med[(plain, op)], cpu[(plain, op)]
             # For CPU the ratio is plain / case, so that both read "x plain speed".
             cells += [f"{rps:,.0f}", f"{rps / base_rps:.2f}", f"{us:.0f}", f"{base_us / us:.2f}"]
         print("| " + " | ".join(cells) + " |")
     print(f"\nother CPU (cores, median over all runs): {statistics.median(others):.2f}")
+    load_after = os.getloadavg()
+    print(f"load average (1, 5, 15 min) before: {load_before}, after: {load_after}")
+    if args.base_repo is not None:
+        print(f"@base: {args.base_repo.resolve()}, each compared with plain@base")
 
 
 async def _app_loop(app: Any, headers: list[tuple[bytes, bytes]], body: bytes, n: int) -> float:

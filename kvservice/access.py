@@ -10,9 +10,10 @@ confined without code of their own.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
@@ -21,7 +22,7 @@ from google.protobuf.message import Message
 
 from kvservice.audit import SecurityStats
 from kvservice.auth import Principal
-from kvservice.errors import PermissionDenied, Unauthenticated
+from kvservice.errors import Unauthenticated
 from kvservice.service import to_connect_error
 
 # Role per RPC (`<package.Service>/<Method>`). Future RPCs of DESIGN.md are
@@ -37,6 +38,9 @@ METHOD_ROLES: dict[str, str] = {
     "kvservice.v1.KVStore/Increment": "write",
     "kvservice.v1.KVStore/Txn": "write",
 }
+# The same by URL path, so that the middleware finds a declared method's role with
+# one dict lookup (`rule_for` answers for every other path).
+PATH_ROLES: dict[str, str] = {f"/{name}": role for name, role in METHOD_ROLES.items()}
 # Services whose every method needs one role. The replication channel
 # (kvservice.v1.Replication: pushes to replicas, announcements to primaries)
 # needs `replication` from the day it exists.
@@ -76,10 +80,21 @@ def rule_for(path: str) -> Rule | None:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """What the middleware learned about the request, for the handlers below it."""
+    """An admitted caller in the role its RPC needs: what the key check reads.
+
+    Made once per credential and role (`credentials.Credential.caller`), not per
+    request, so the middleware only has to put it in `CALLER`.
+    """
 
     principal: Principal
-    client: str | None
+    role: str  # the role the RPC needs (`rule_for`), which its keys are checked for
+    # The key prefixes granted with that role; None: every key.
+    prefixes: tuple[str, ...] | None = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        grants = self.principal.grants
+        prefixes = None if grants is None else self.principal.prefixes.get(self.role, ())
+        object.__setattr__(self, "prefixes", prefixes)
 
 
 CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
@@ -125,6 +140,16 @@ def _build_plan(desc: Descriptor) -> tuple[_Step, ...]:
     return tuple(steps)
 
 
+def _plan_of(request: Any) -> tuple[tuple[_Step, ...], str | None]:
+    """A request type's key plan, and its key field if that is all it has (Get, Set...)."""
+    plan = key_plan(request.DESCRIPTOR)
+    if len(plan) == 1:
+        step = plan[0]
+        if step.kind == "key" and not step.repeated and step.oneof is None:
+            return plan, step.name
+    return plan, None
+
+
 def keys_of(message: Message, plan: tuple[_Step, ...]) -> Iterator[tuple[str, bool]]:
     """Every (key, is_prefix) a request carries, nested messages included."""
     for step in plan:
@@ -144,56 +169,72 @@ class AccessInterceptor:
     """Checks every key of a request against the caller's prefixes before the handler runs.
 
     Method roles were checked by the middleware before the body was read;
-    this is the part that needs the decoded message.
+    this is the part that needs the decoded message. The unary and
+    server-streaming hooks are plain functions that return the handler's own
+    awaitable or stream after the check (connect-python awaits or iterates
+    whatever the chain returns), so the check adds no coroutine or generator
+    to every call.
     """
 
     def __init__(self, stats: SecurityStats) -> None:
         self.stats = stats
+        # Per request message class: its key plan, and the one key field of a
+        # single-key request (Get, Set, Delete...), else None.
+        self._plans: dict[type, tuple[tuple[_Step, ...], str | None]] = {}
 
     def _check(self, request: Any, ctx: RequestContext[Any, Any]) -> None:
         caller = CALLER.get()
         if caller is None:
             # Fail closed: this interceptor only runs when authentication is on.
             raise to_connect_error(Unauthenticated("no credential"))
-        principal = caller.principal
-        if principal.grants is None:
+        allowed = caller.prefixes
+        if allowed is None:
             return
+        found = self._plans.get(type(request))
+        if found is None:
+            found = self._plans[type(request)] = _plan_of(request)
+        plan, single = found
+        if single is not None:
+            key = getattr(request, single)
+            if not key.startswith(allowed):
+                self._refuse(caller, ctx, key, False)
+            return
+        for key, is_prefix in keys_of(request, plan):
+            if not key.startswith(allowed):
+                self._refuse(caller, ctx, key, is_prefix)
+
+    def _refuse(
+        self, caller: Caller, ctx: RequestContext[Any, Any], key: str, is_prefix: bool
+    ) -> NoReturn:
         method = ctx.method()
         name = f"{method.service_name}/{method.name}"
-        role = METHOD_ROLES.get(name) or SERVICE_ROLES.get(method.service_name, "admin")
-        plan = key_plan(request.DESCRIPTOR)
-        if len(plan) == 1 and plan[0].kind == "key" and not plan[0].repeated:
-            keys: Any = ((getattr(request, plan[0].name), False),)  # Get, Set, Delete
-        else:
-            keys = keys_of(request, plan)
-        for key, is_prefix in keys:
-            try:
-                principal.require_key(key, role, is_prefix=is_prefix)
-            except PermissionDenied as exc:
-                self.stats.refused(
-                    "outside_prefix", identity=principal.name, method=name,
-                    client=caller.client, key=key, message=str(exc),
-                )  # fmt: skip
-                raise to_connect_error(exc) from None
+        principal = caller.principal
+        refusal = principal.key_refusal(key, caller.role, is_prefix=is_prefix)
+        address = ctx.client_address()  # "host:port"
+        self.stats.refused(
+            "outside_prefix", identity=principal.name, method=name,
+            client=address.rpartition(":")[0] if address else "unknown", key=key,
+            message=str(refusal),
+        )  # fmt: skip
+        raise to_connect_error(refusal)
 
-    async def intercept_unary(
+    def intercept_unary(
         self,
         call_next: Callable[[Any, RequestContext[Any, Any]], Awaitable[Any]],
         request: Any,
         ctx: RequestContext[Any, Any],
-    ) -> Any:
+    ) -> Awaitable[Any]:
         self._check(request, ctx)
-        return await call_next(request, ctx)
+        return call_next(request, ctx)
 
-    async def intercept_server_stream(
+    def intercept_server_stream(
         self,
         call_next: Callable[[Any, RequestContext[Any, Any]], AsyncIterator[Any]],
         request: Any,
         ctx: RequestContext[Any, Any],
     ) -> AsyncIterator[Any]:
         self._check(request, ctx)
-        async for response in call_next(request, ctx):
-            yield response
+        return call_next(request, ctx)
 
     async def intercept_client_stream(
         self,
@@ -211,4 +252,12 @@ class AccessInterceptor:
             yield request
 
 
-__all__ = ["CALLER", "METHOD_ROLES", "AccessInterceptor", "Caller", "ConnectError", "rule_for"]
+__all__ = [
+    "CALLER",
+    "METHOD_ROLES",
+    "PATH_ROLES",
+    "AccessInterceptor",
+    "Caller",
+    "ConnectError",
+    "rule_for",
+]

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -44,8 +44,19 @@ class Principal:
     kind: Literal["token", "jwt", "anonymous"]
     roles: frozenset[str]
     grants: tuple[Grant, ...] | None = None
-    # JWTs only: the caller is no longer authenticated after this Unix time (exp + leeway).
+    # JWTs only: the Unix times between which the caller is authenticated (nbf and exp,
+    # widened by the leeway).
+    not_before: float | None = None
     not_after: float | None = None
+    # Per role, the prefixes granted with it: one str.startswith(tuple) per key
+    # instead of a loop over the grants on every request.
+    prefixes: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_role = {
+            role: tuple(g.prefix for g in self.grants or () if role in g.roles) for role in ROLES
+        }
+        object.__setattr__(self, "prefixes", by_role)
 
     def require_role(self, role: str, method: str) -> None:
         if role not in self.roles:
@@ -57,17 +68,17 @@ class Principal:
 
     def require_key(self, key: str, role: str, *, is_prefix: bool = False) -> None:
         """Refuse a key (or a scan/watch prefix) outside the grants for `role`."""
-        grants = self.grants
-        if grants is None:
+        if self.grants is None or key.startswith(self.prefixes[role]):
             return
-        for grant in grants:
-            if key.startswith(grant.prefix) and role in grant.roles:
-                return
+        raise self.key_refusal(key, role, is_prefix=is_prefix)
+
+    def key_refusal(self, key: str, role: str, *, is_prefix: bool = False) -> PermissionDenied:
+        """The error refusing `key` (or a prefix) for `role`, naming what is allowed."""
         what = "prefix" if is_prefix else "key"
         allowed = ", ".join(
-            f"'{g.prefix}' ({'+'.join(sorted(g.roles))})" for g in grants
+            f"'{g.prefix}' ({'+'.join(sorted(g.roles))})" for g in self.grants or ()
         )  # fmt: skip
-        raise PermissionDenied(
+        return PermissionDenied(
             f"{what} {_shown_key(key)} is outside what {self.kind} '{self.name}' may {role};"
             f" allowed prefixes: {allowed or 'none'}"
         )
@@ -120,10 +131,12 @@ class _TokenEntry:
 
 
 class TokenTable:
-    """The static tokens of `tokens_file`, matched by SHA-256 in constant time."""
+    """The static tokens of `tokens_file`, found by the SHA-256 of the presented token."""
 
     def __init__(self, entries: list[_TokenEntry]) -> None:
         self.entries = entries
+        # (Two entries with one token: the later one wins, as the file reads.)
+        self._by_digest = {entry.digest: entry for entry in entries}
 
     @classmethod
     def load(cls, path: Path) -> TokenTable:
@@ -151,13 +164,19 @@ class TokenTable:
         return len(self.entries)
 
     def match(self, token: bytes) -> Principal | None:
-        """The principal of `token`, comparing against every entry so timing tells nothing."""
+        """The principal of `token`, looked up by its SHA-256.
+
+        The lookup is keyed by the SHA-256 of the presented token, so its timing
+        depends only on that hash: what it could reveal is how a guess's hash relates
+        to the stored hashes, and turning that into a token takes a SHA-256 preimage.
+        The one candidate is still compared in constant time, as the scan over every
+        entry that this replaced did.
+        """
         digest = hashlib.sha256(token).digest()
-        found: Principal | None = None
-        for entry in self.entries:
-            if hmac.compare_digest(entry.digest, digest):
-                found = entry.principal
-        return found
+        entry = self._by_digest.get(digest)
+        if entry is None or not hmac.compare_digest(entry.digest, digest):
+            return None
+        return entry.principal
 
 
 _ENTRY_KEYS = {"name", "sha256", "roles", "prefixes"}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import jwt
@@ -25,21 +24,11 @@ from kvservice.errors import Unauthenticated
 
 log = logging.getLogger("kvservice.auth")
 
-# Verified tokens are remembered (signature checks cost more than the rest of a
-# small request); expiry is still checked on every use. Cleared on reload.
-CACHE_ENTRIES = 10_000
 _JWKS_ALGORITHMS = {"RSA": "RS256", "EC": "ES256"}
 
 
 def looks_like_jwt(token: bytes) -> bool:
     return token.count(b".") == 2 and token.startswith(b"eyJ")
-
-
-@dataclass(frozen=True, slots=True)
-class _Cached:
-    principal: Principal
-    not_before: float
-    not_after: float
 
 
 class JwtVerifier:
@@ -67,7 +56,6 @@ class JwtVerifier:
             self.required.append("aud")
         self.secret: bytes | None = None
         self.keys: list[PyJWK] = []
-        self.cache: dict[bytes, _Cached] = {}
         self.reload()
 
     @property
@@ -89,26 +77,20 @@ class JwtVerifier:
         if path is not None:
             keys = _load_jwks(path)
         self.secret, self.keys = secret, keys
-        self.cache.clear()
 
     def verify(self, token: bytes, now: float | None = None) -> Principal:
-        """The principal of a valid token; Unauthenticated saying what is wrong otherwise."""
+        """The principal of a valid token, with its validity window (exp and nbf with the
+        leeway) for whoever remembers it (`credentials.py`); Unauthenticated saying what is
+        wrong otherwise. `now` (default: the clock) must lie in that window too."""
         now = time.time() if now is None else now
-        cached = self.cache.get(token)
-        if cached is not None:
-            if now > cached.not_after:
-                raise Unauthenticated("the JWT has expired")
-            if now < cached.not_before:
-                raise Unauthenticated("the JWT is not valid yet (nbf)")
-            return cached.principal
         claims = self._decode(token)
-        principal = self._principal(claims)
-        exp = float(claims["exp"]) + self.leeway
-        nbf = float(claims.get("nbf", 0)) - self.leeway
-        if len(self.cache) >= CACHE_ENTRIES:
-            self.cache.clear()
-        self.cache[token] = _Cached(principal, nbf, exp)
-        return principal
+        not_after = float(claims["exp"]) + self.leeway
+        not_before = float(claims.get("nbf", 0)) - self.leeway
+        if now > not_after:
+            raise Unauthenticated("the JWT has expired")
+        if now < not_before:
+            raise Unauthenticated("the JWT is not valid yet (nbf)")
+        return self._principal(claims, not_before, not_after)
 
     def _decode(self, token: bytes) -> dict[str, Any]:
         try:
@@ -149,7 +131,7 @@ class JwtVerifier:
             raise Unauthenticated(f"no single {alg} key in the JWKS matches kid {kid!r}")
         return candidates[0]
 
-    def _principal(self, claims: dict[str, Any]) -> Principal:
+    def _principal(self, claims: dict[str, Any], not_before: float, not_after: float) -> Principal:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise Unauthenticated("the JWT has no subject (sub)")
@@ -170,7 +152,10 @@ class JwtVerifier:
             own = Grant(self.template.replace("{sub}", sub), roles)
             shared = tuple(Grant(g.prefix, g.roles & roles) for g in self.shared)
             grants = (own, *(g for g in shared if g.roles))
-        return Principal(name=sub, kind="jwt", roles=roles, grants=grants)
+        return Principal(
+            name=sub, kind="jwt", roles=roles, grants=grants, not_before=not_before,
+            not_after=not_after,
+        )  # fmt: skip
 
 
 def _load_jwks(path: Any) -> list[PyJWK]:

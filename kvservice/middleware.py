@@ -1,19 +1,23 @@
 """The ASGI middleware that decides, before a body is read, who may call what.
 
-Order per RPC: authenticate (static token or JWT) → method role → rate limit
-→ concurrency limit → the Connect app, with the caller in `access.CALLER` so
-the key check (`access.AccessInterceptor`) can see it. Nothing below runs for
-a refused request, so a refusal has no side effect.
+Order per RPC: authenticate (static token or JWT; a header verified before is
+one lookup in `credentials.CredentialCache`) → method role → rate limit →
+concurrency limit → the Connect app, with the caller in `access.CALLER` so the
+key check (`access.AccessInterceptor`) can see it. Nothing below runs for a
+refused request, so a refusal has no side effect.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvservice.access import CALLER, Caller, rule_for
-from kvservice.auth import Principal, anonymous
+from kvservice.access import CALLER, PATH_ROLES, rule_for
+from kvservice.auth import anonymous
+from kvservice.credentials import Credential
 from kvservice.errors import PermissionDenied
 
 if TYPE_CHECKING:
@@ -26,78 +30,119 @@ _STATUS = {
 }  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """Why a request is refused: the reply's code, message and Retry-After."""
+
+    code: str
+    message: str
+    retry_after: float = 0.0
+
+
 class SecurityMiddleware:
-    """Authentication, method roles, rate and concurrency limits for RPCs and /metrics."""
+    """Authentication, method roles, rate and concurrency limits for RPCs and /metrics.
+
+    Admission is synchronous on purpose: an admitted request (the common case)
+    pays for no coroutine of its own beyond this one; only a refusal awaits.
+    """
 
     def __init__(self, app: ASGIApp, security: Security) -> None:
         self.app = app
         self.security = security
-        self._anonymous: dict[str, Principal] = {}
+        self._anonymous: dict[str, Credential] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        rule = rule_for(path)
+        rule = PATH_ROLES.get(path) or rule_for(path)
         if rule is None or rule == "open":
-            if path == "/metrics" and self.security.metrics_auth:
-                await self._metrics(scope, receive, send)
-                return
-            await self.app(scope, receive, send)
+            await self._unguarded(scope, receive, send)
             return
-        client = scope.get("client")
-        host = client[0] if client else "unknown"
-        admitted = await self._admit(scope, send, rule, host)
-        if admitted is None:
-            return
-        principal, identity = admitted
         sec = self.security
-        limiter = sec.limiter
-        if limiter is not None:
-            wait = limiter.take(identity, limiter.limit_for(principal))
-            if wait:
-                sec.stats.limited("rate")
-                await _error(
-                    send, "resource_exhausted",
-                    f"rate limit of {identity} reached; retry in {wait:.3f}s",
-                    retry_after=wait,
-                )  # fmt: skip
-                return
-        concurrency = sec.concurrency
-        if concurrency is not None and not concurrency.try_enter():
-            sec.stats.limited("concurrency")
-            await _error(
-                send, "resource_exhausted",
-                f"the node serves {concurrency.limit} requests at once; retry shortly",
-                retry_after=1.0,
-            )  # fmt: skip
+        if sec.auth_on:
+            admitted = self._known(scope["headers"], rule) or self._admit(scope, rule)
+        else:
+            host = _host(scope)
+            admitted = self._anonymous.get(host) or self._anonymous_caller(host)
+        if isinstance(admitted, _Refusal):
+            await _refuse(send, admitted)
             return
+        if sec.limiter is not None or sec.concurrency is not None:
+            refusal = self._limit(admitted)
+            if refusal is not None:
+                await _refuse(send, refusal)
+                return
         # Only the key check (auth on) reads the caller: skip the context var otherwise.
-        token = CALLER.set(Caller(principal, host)) if sec.auth_on else None
+        token = (
+            CALLER.set(admitted.callers.get(rule) or admitted.caller(rule)) if sec.auth_on else None
+        )
         try:
             await self.app(scope, receive, send)
         finally:
             if token is not None:
                 CALLER.reset(token)
-            if concurrency is not None:
-                concurrency.leave()
+            if sec.concurrency is not None:
+                sec.concurrency.leave()
 
-    async def _admit(
-        self, scope: Scope, send: Send, rule: str, host: str
-    ) -> tuple[Principal, str] | None:
-        """The caller and its rate-limit identity, or None when refused (reply sent)."""
-        if not self.security.auth_on:
-            principal = self._anonymous.get(host)
-            if principal is None:
-                if len(self._anonymous) >= 10_000:
-                    self._anonymous.clear()
-                principal = self._anonymous[host] = anonymous(host)
-            return principal, host
+    async def _unguarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A path that is no protected RPC: passed on, but /metrics may need `admin`."""
+        if scope["path"] == "/metrics" and self.security.metrics_auth:
+            await self._metrics(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _limit(self, admitted: Credential) -> _Refusal | None:
+        """Take a token from the caller's rate limit and a place in the concurrency limit
+        (which the caller of this must leave), or say which limit refuses."""
+        sec = self.security
+        if sec.limiter is not None and admitted.limit is not None:
+            wait = sec.limiter.take(admitted.identity, admitted.limit)
+            if wait:
+                sec.stats.limited("rate")
+                return _Refusal(
+                    "resource_exhausted",
+                    f"rate limit of {admitted.identity} reached; retry in {wait:.3f}s",
+                    wait,
+                )
+        concurrency = sec.concurrency
+        if concurrency is not None and not concurrency.try_enter():
+            sec.stats.limited("concurrency")
+            return _Refusal(
+                "resource_exhausted",
+                f"the node serves {concurrency.limit} requests at once; retry shortly",
+                1.0,
+            )
+        return None
+
+    def _known(self, headers: list[tuple[bytes, bytes]], rule: str) -> Credential | None:
+        """The caller if its credential was verified before and it has the role `rule`
+        names: what nearly every request takes, so it does as little as it can."""
+        for name, value in headers:
+            if name == b"authorization":
+                found = self.security.verified.get(value, time.time())
+                if found is not None and rule in found.principal.roles:
+                    return found
+                return None
+        return None
+
+    def _anonymous_caller(self, host: str) -> Credential:
+        """With auth off: the caller is its address (one credential per address, kept)."""
+        if len(self._anonymous) >= 10_000:
+            self._anonymous.clear()
+        credential = self._anonymous[host] = self.security.credential(anonymous(host), host)
+        return credential
+
+    def _admit(self, scope: Scope, rule: str) -> Credential | _Refusal:
+        """The authenticated caller if it has the role `rule` names, else why not
+        (verifying a credential not seen before)."""
         method = scope["path"][1:]
-        principal = await self._authenticate(scope, send, method, host)
-        if principal is None:
-            return None
+        host = _host(scope)
+        found = self._authenticate(scope, method, host)
+        if isinstance(found, _Refusal) or rule in found.principal.roles:
+            return found
+        principal = found.principal
         try:
             if rule == "undeclared":
                 raise PermissionDenied(f"{method} has no access rule on this node")
@@ -107,23 +152,20 @@ class SecurityMiddleware:
                 "missing_role", identity=principal.name, method=method, client=host,
                 message=str(exc),
             )  # fmt: skip
-            await _error(send, "permission_denied", str(exc))
-            return None
-        return principal, f"{principal.kind}:{principal.name}"
+            return _Refusal("permission_denied", str(exc))
+        return found  # (not reached: "undeclared" is no role, and a missing one raised)
 
-    async def _authenticate(
-        self, scope: Scope, send: Send, method: str, host: str
-    ) -> Principal | None:
+    def _authenticate(self, scope: Scope, method: str, host: str) -> Credential | _Refusal:
         sec = self.security
         authorization = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
                 break
-        failure = sec.authenticate(authorization)
-        if isinstance(failure, Principal):
-            return failure
-        reason, message = failure
+        found = sec.authenticate(authorization)
+        if isinstance(found, Credential):
+            return found
+        reason, message = found
         sec.stats.refused(reason, identity=None, method=method, client=host, message=message)
         # Guessing tokens costs the guesser's address its rate budget.
         limiter = sec.limiter
@@ -131,19 +173,16 @@ class SecurityMiddleware:
             wait = limiter.take(host, limiter.default)
             if wait:
                 sec.stats.limited("rate")
-                await _error(
-                    send, "resource_exhausted", f"rate limit of {host} reached",
-                    retry_after=wait,
-                )  # fmt: skip
-                return None
-        await _error(send, "unauthenticated", message)
-        return None
+                return _Refusal("resource_exhausted", f"rate limit of {host} reached", wait)
+        return _Refusal("unauthenticated", message)
 
     async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        host = scope["client"][0] if scope.get("client") else "unknown"
-        principal = await self._authenticate(scope, send, "/metrics", host)
-        if principal is None:
+        host = _host(scope)
+        found = self._authenticate(scope, "/metrics", host)
+        if isinstance(found, _Refusal):
+            await _refuse(send, found)
             return
+        principal = found.principal
         if "admin" not in principal.roles:
             message = f"{principal.kind} '{principal.name}' lacks the 'admin' role /metrics needs"
             self.security.stats.refused(
@@ -176,6 +215,16 @@ class GrpcGuard:
                         return
                     break
         await self.app(scope, receive, send)
+
+
+def _host(scope: Scope) -> str:
+    """The client's address: the identity of an anonymous caller, and in the audit log."""
+    client = scope.get("client")
+    return client[0] if client else "unknown"
+
+
+async def _refuse(send: Send, refusal: _Refusal) -> None:
+    await _error(send, refusal.code, refusal.message, retry_after=refusal.retry_after)
 
 
 async def _error(send: Send, code: str, message: str, *, retry_after: float = 0.0) -> None:

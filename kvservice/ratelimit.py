@@ -95,10 +95,15 @@ class RateLimiter:
                 self._drop_idle(now)
             self.buckets[identity] = [limit.burst - 1.0, now]
             return 0.0
-        tokens = min(limit.burst, bucket[0] + (now - bucket[1]) * limit.rate)
+        # (Comparisons rather than min() and max(): this runs on every request, and
+        # those builtins' argument parsing costs more than the arithmetic.)
+        tokens = bucket[0] + (now - bucket[1]) * limit.rate
+        if tokens > limit.burst:  # noqa: PLR1730 (see above)
+            tokens = limit.burst
         bucket[1] = now
         if tokens > 0.999_999:  # float error must not refuse a token that is due
-            bucket[0] = max(0.0, tokens - 1.0)
+            tokens -= 1.0
+            bucket[0] = tokens if tokens > 0.0 else 0.0
             return 0.0
         bucket[0] = tokens
         return (1.0 - tokens) / limit.rate

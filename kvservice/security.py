@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +24,7 @@ from kvservice.access import AccessInterceptor
 from kvservice.audit import SecurityStats
 from kvservice.auth import Principal, TokenTable, bearer_token
 from kvservice.config import ConfigError, Settings
+from kvservice.credentials import Credential, CredentialCache
 from kvservice.errors import Unauthenticated
 from kvservice.jwt_auth import JwtVerifier, looks_like_jwt
 from kvservice.middleware import GrpcGuard, SecurityMiddleware
@@ -46,6 +49,7 @@ class Security:
         self.limiter = limiter if limiter.enabled else None
         limit = settings.max_concurrent_requests
         self.concurrency = ConcurrencyLimit(limit) if limit else None
+        self.verified = CredentialCache()
 
     @property
     def active(self) -> bool:
@@ -59,8 +63,31 @@ class Security:
     def interceptors(self) -> list[AccessInterceptor]:
         return [AccessInterceptor(self.stats)] if self.auth_on else []
 
-    def authenticate(self, authorization: bytes | None) -> Principal | tuple[str, str]:
+    def authenticate(self, authorization: bytes | None) -> Credential | tuple[str, str]:
         """The caller, or (reason, message) saying why not."""
+        if authorization is not None:
+            known = self.verified.get(authorization, time.time())
+            if known is not None:
+                return known
+        found = self._verify(authorization)
+        if not isinstance(found, Principal):
+            return found
+        credential = self.credential(found, f"{found.kind}:{found.name}")
+        if authorization is not None:  # (always, when verified: it held the credential)
+            self.verified.put(authorization, credential)
+        return credential
+
+    def credential(self, principal: Principal, identity: str) -> Credential:
+        """What each request of `principal` needs: its rate-limit identity and limit, and
+        when it stops being valid."""
+        limiter = self.limiter
+        return Credential(
+            principal, identity, limiter.limit_for(principal) if limiter else None,
+            -math.inf if principal.not_before is None else principal.not_before,
+            math.inf if principal.not_after is None else principal.not_after,
+        )  # fmt: skip
+
+    def _verify(self, authorization: bytes | None) -> Principal | tuple[str, str]:
         try:
             token = bearer_token(authorization)
         except Unauthenticated as exc:
@@ -91,6 +118,7 @@ class Security:
             )
             return
         self.tokens = tokens
+        self.verified.clear()  # a removed token or a rotated key stops working now
         keys = len(self.jwt.keys) if self.jwt else 0
         log.info("credentials reloaded", extra={"tokens": len(tokens or ()), "jwks_keys": keys})
 

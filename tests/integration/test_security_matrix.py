@@ -249,7 +249,7 @@ def test_refusals_are_counted_and_logged_without_the_token(node: Node) -> None:
     log = node.server.log()
     assert "leaky-secret-value" not in log
     assert '"reason": "outside_prefix", "identity": "bob"' in log
-    assert '"key_prefix": "user:alice:"' in log
+    assert '"client": "127.0.0.1", "key_prefix": "user:alice:"' in log  # (address, no port)
 
 
 def test_jwt_scope_covers_every_key_of_a_batch(node: Node) -> None:
