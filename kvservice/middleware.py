@@ -5,10 +5,17 @@ one lookup in `credentials.CredentialCache`) → method role → rate limit →
 concurrency limit → the Connect app, with the caller in `access.CALLER` so the
 key check (`access.AccessInterceptor`) can see it. Nothing below runs for a
 refused request, so a refusal has no side effect.
+
+A client over a limit gets its `resource_exhausted` after a short pause
+(LIMIT_REFUSAL_DELAY_SECONDS, or less when its next token is due sooner), as
+nginx's limit_req delays: a client that retries at once on one connection then
+sends a few hundred requests a second instead of thousands, and stops taking
+the cores the callers within their limits need.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -24,6 +31,8 @@ if TYPE_CHECKING:
     from kvservice.metrics import ASGIApp, Receive, Scope, Send
     from kvservice.security import Security
 
+# The pause before a limit's refusal (see the module's docstring).
+LIMIT_REFUSAL_DELAY_SECONDS = 0.005
 _STATUS = {
     "unauthenticated": 401, "permission_denied": 403, "resource_exhausted": 429,
     "unimplemented": 415,
@@ -224,6 +233,8 @@ def _host(scope: Scope) -> str:
 
 
 async def _refuse(send: Send, refusal: _Refusal) -> None:
+    if refusal.code == "resource_exhausted":
+        await asyncio.sleep(min(refusal.retry_after, LIMIT_REFUSAL_DELAY_SECONDS))
     await _error(send, refusal.code, refusal.message, retry_after=refusal.retry_after)
 
 

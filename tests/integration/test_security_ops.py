@@ -119,7 +119,7 @@ def test_a_flooding_identity_is_limited_while_another_is_served(
     with httpx.Client(headers={"authorization": "Bearer ops"}, timeout=10) as ops:
         assert all(ops.post(url, json={"key": "k"}).status_code == 200 for _ in range(120))
     # Other test suites share this machine's two cores, so one noisy sample window can
-    # miss; the property must hold in one of three flood windows.
+    # miss; the property (2x the unloaded p99) must hold in one of three flood windows.
     figures = []
     with httpx.Client(headers={"authorization": "Bearer calm"}, timeout=10) as calm:
         _p99_ms(calm, url, 20)  # warm up
@@ -141,11 +141,10 @@ def test_a_flooding_identity_is_limited_while_another_is_served(
             assert retry_after == "1"
             # The flooder got about rate x time + burst answers; nothing more was applied.
             assert int(ok) <= 50 * 4 + 20
-            # 2x the unloaded p99, with 5 ms of room for the scheduler of a shared machine.
-            if loaded <= max(2 * unloaded, unloaded + 5):
+            if loaded <= 2 * unloaded:
                 break
     print(f"calm p99 ms (unloaded, during the flood, flooder ok/limited/retry-after): {figures}")
-    assert loaded <= max(2 * unloaded, unloaded + 5), figures
+    assert loaded <= 2 * unloaded, figures
 
 
 def test_concurrency_limit_refuses_with_retry_after(make_server) -> None:  # type: ignore[no-untyped-def]
