@@ -164,11 +164,17 @@ class Pki:
         pki.ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return pki
 
-    def issue(self, name: str, *, server: bool) -> tuple[Path, Path]:
-        """(cert file, key file) of a new leaf certificate signed by the CA."""
+    def issue(
+        self, name: str, *, server: bool, node: bool = False, valid_seconds: float = 86_400
+    ) -> tuple[Path, Path]:
+        """(cert file, key file) of a new leaf certificate signed by the CA. A `node`
+        certificate is for both sides (a node presents its serving certificate when
+        it calls its peers, so mTLS peers need the client usage too)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+        if node or not server:
+            usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -176,9 +182,9 @@ class Pki:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(seconds=valid_seconds))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.ca_key.public_key()),
                 critical=False,

@@ -236,3 +236,60 @@ def _buf_curl(*args: str) -> subprocess.CompletedProcess[str]:
         [str(BUF), "curl", "--schema", "proto", "--protocol", "connect", *args],
         check=False, capture_output=True, text=True, timeout=60, cwd=REPO,
     )  # fmt: skip
+
+
+def tls_node(
+    tmp_path: Path, pki: Pki, name: str, *args: str, valid_seconds: float = 86_400
+) -> TlsServer:
+    """A node serving HTTPS with mTLS that calls its peers over TLS too (tls_ca_file),
+    presenting its own certificate (issued for both usages)."""
+    cert, key = pki.issue(name, server=True, node=True, valid_seconds=valid_seconds)
+    port = free_port()
+    flags = ["--tls-cert-file", str(cert), "--tls-key-file", str(key),
+             "--tls-client-ca-file", str(pki.ca_file), "--tls-ca-file", str(pki.ca_file),
+             "--advertise-url", f"https://127.0.0.1:{port}", "--repl-heartbeat-seconds", "0.2",
+             "--repl-retry-max-seconds", "0.5", *args]  # fmt: skip
+    node = TlsServer(data_dir=tmp_path / name, port=port, args=flags)
+    node.ca_file = pki.ca_file
+    node.client_cert = pki.issue(f"{name}-prober", server=False)
+    return node
+
+
+def test_replication_over_mtls_and_a_node_certificate_rotated_by_sighup(
+    tmp_path: Path, pki: Pki, stop_later
+) -> None:  # type: ignore[no-untyped-def]
+    """A primary and a replica that both require client certificates replicate over
+    HTTPS. The primary's certificate (serving, and presented to the replica) is
+    short-lived: replaced on disk and reloaded by SIGHUP, it is what the primary
+    presents on its new connections after the old one expired, so replication
+    goes on with no restart of the primary."""
+    lifetime = 12.0
+    issued = time.monotonic()
+    primary = tls_node(tmp_path, pki, "primary", valid_seconds=lifetime)
+    stop_later(primary)
+    primary.start()
+    replica = tls_node(tmp_path, pki, "replica", "--role", "replica",
+                       "--primary-url", primary.url)  # fmt: skip
+    stop_later(replica)
+    replica.start()
+
+    def replicated(key: bytes) -> None:
+        with connect_client(primary, pki, primary.client_cert) as kv:
+            revision = kv.set(SetRequest(key=key.decode(), value=key)).revision
+        with connect_client(replica, pki, replica.client_cert) as kv:
+            got = kv.get(GetRequest(key=key.decode(), min_revision=revision))
+        assert got.value == key
+
+    replicated(b"before-rotation")
+    pki.issue("primary", server=True, node=True)  # a new key and certificate, same files
+    assert primary.proc is not None
+    os.kill(primary.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "peer credentials reloaded" not in primary.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "peer credentials reloaded" in primary.log()
+    time.sleep(max(0.0, issued + lifetime + 1 - time.monotonic()))  # the old one expired
+    # New connections both ways: the replica restarts (the primary does not).
+    replica.stop()
+    replica.start()
+    replicated(b"after-rotation")
