@@ -263,7 +263,7 @@ def test_replication_over_mtls_and_a_node_certificate_rotated_by_sighup(
     short-lived: replaced on disk and reloaded by SIGHUP, it is what the primary
     presents on its new connections after the old one expired, so replication
     goes on with no restart of the primary."""
-    lifetime = 12.0
+    lifetime = 25.0  # (long enough for two node starts on a slow machine)
     issued = time.monotonic()
     primary = tls_node(tmp_path, pki, "primary", valid_seconds=lifetime)
     stop_later(primary)
