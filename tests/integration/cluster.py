@@ -69,6 +69,8 @@ class Node:
     # A replica that announces itself (--primary-url); otherwise only its primary's
     # --replicas list links them.
     announce: bool = True
+    # The primary URL the running process was given (a replica's; "" otherwise).
+    spawned_with: str = ""
 
     @property
     def url(self) -> str:
@@ -101,6 +103,7 @@ class Node:
     def spawn(self) -> None:
         """Start the process without waiting for it (see wait_ready)."""
         self.server.args = self._args()
+        self.spawned_with = self.primary.url if self.primary is not None else ""
         self.server.start(wait=False)
 
     def wait_ready(self, timeout: float = 30.0) -> Node:
@@ -208,10 +211,15 @@ class Cluster:
         return node.start() if start else node
 
     def start(self, *nodes: Node) -> None:
-        """Start nodes side by side (each start is mostly Python imports) and wait for all."""
+        """Start nodes side by side (each start is mostly Python imports) and wait for all.
+        A primary whose port was taken comes up on another one: a replica spawned with
+        the old URL is started again with the new one."""
         for node in nodes:
             node.spawn()
-        for node in nodes:
+        for node in sorted(nodes, key=lambda n: n.role != "primary"):  # primaries first
+            if node.primary is not None and node.announce and node.primary.url != node.spawned_with:
+                node.server.kill()
+                node.spawn()
             node.wait_ready()
 
     def primary_with_replicas(
