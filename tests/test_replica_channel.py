@@ -63,6 +63,20 @@ def answer(status: int, body: bytes, *headers: str) -> bytes:
 OK = PushResponse(result=PushResult.PUSH_RESULT_OK, revision=7, durable_revision=7)
 
 
+async def always_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A replica that answers every push with OK."""
+    while True:
+        await read_request(reader)
+        writer.write(answer(200, OK.SerializeToString()))
+        await writer.drain()
+
+
+async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A replica that reads a push and never answers."""
+    await read_request(reader)
+    await asyncio.sleep(10)
+
+
 async def push(url: str, timeout_ms: int = 2_000) -> PushResponse:
     channel = ReplicaChannel(url, timeout_ms=timeout_ms, headers={"authorization": "Bearer t"})
     try:
@@ -115,10 +129,6 @@ def test_a_push_is_a_connect_unary_call_and_connections_are_kept_alive() -> None
 
 
 def test_no_answer_is_deadline_exceeded_within_the_timeout() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        await asyncio.sleep(10)
-
     async def scenario() -> ConnectError:
         async with peer(silent) as (url, _):
             loop = asyncio.get_running_loop()
@@ -201,14 +211,8 @@ def test_a_failed_connection_is_not_reused() -> None:
 
 
 def test_push_nowait_sends_on_an_idle_connection_and_calls_back_with_the_answer() -> None:
-    async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(answer(200, OK.SerializeToString()))
-            await writer.drain()
-
     async def scenario() -> None:
-        async with peer(replica) as (url, accepted):
+        async with peer(always_ok) as (url, accepted):
             channel = ReplicaChannel(url, timeout_ms=2_000)
             loop = asyncio.get_running_loop()
             try:
@@ -230,10 +234,6 @@ def test_push_nowait_sends_on_an_idle_connection_and_calls_back_with_the_answer(
 
 
 def test_abort_ends_the_calls_in_progress() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        await asyncio.sleep(10)
-
     async def scenario() -> ConnectError:
         async with peer(silent) as (url, _):
             channel = ReplicaChannel(url, timeout_ms=5_000)
@@ -255,14 +255,8 @@ def test_a_connection_idle_too_long_is_not_reused(monkeypatch: pytest.MonkeyPatc
     replaced rather than written to as the server may be closing it."""
     monkeypatch.setattr(channel_module, "MAX_IDLE_SECONDS", 0.05)
 
-    async def replica(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            await read_request(reader)
-            writer.write(answer(200, OK.SerializeToString()))
-            await writer.drain()
-
     async def scenario() -> None:
-        async with peer(replica) as (url, accepted):
+        async with peer(always_ok) as (url, accepted):
             channel = ReplicaChannel(url, timeout_ms=2_000)
             try:
                 assert await channel.push(PushRequest()) == OK

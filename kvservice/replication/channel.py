@@ -5,9 +5,10 @@ HTTP/1.1 connections, parsed by httptools (uvicorn's own parser).
 Why not connect-python's client here: a push is the one call a primary makes
 hundreds of times a second per replica, and with connect-python's client (on
 pyqwest, whose Rust I/O threads wake the event loop through a self-pipe) an
-empty push cost the primary ~320-540 us of CPU and ~5 event-loop passes; over
-an asyncio protocol it costs ~120 us and resolves in the pass that reads the
-answer (`python -m bench.pushcost`, bench/results/replication.md). That cost
+empty push cost the primary 427 us of CPU one at a time (367 with 3 in flight)
+and ~5 event-loop passes; over an asyncio protocol it costs 137 us (85) and
+resolves in the pass that reads the answer (`python -m bench.pushcost`,
+bench/results/replication.md). That cost
 is what bounds how often a primary can push, so how long an entry waits to be
 shipped. Everything else that calls other nodes (announcements, a
 switchover's Admin calls, the CLI) keeps connect-python's client.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -74,7 +75,7 @@ INSTALL_TIMEOUT_MS = 600_000
 # previous one's fsync runs (its group commit covers them all). The window only bounds
 # how long a slow fsync or answer can hold the stream: 3 measured better than 2 for the
 # same CPU (bench/results/replication.md). Entries are not held back to share a push:
-# over the replication channel a push costs the primary ~100-130 us of CPU
+# over the replication channel a push costs the primary 85-137 us of CPU
 # (bench/pushcost.py), so one per group commit stays within the CPU target.
 PUSH_WINDOW = 3
 
@@ -383,10 +384,9 @@ class Sender:
         """Send `batch` after what was sent before, now: on an idle connection of the
         channel with its answer handled as it is read, else (connecting) from a task."""
         request = self._request(self.sent, [item.record for item in batch], self._digest_for(batch))
-        answer: asyncio.Future[PushResponse]
-        answer = asyncio.get_running_loop().create_future()
-        if not self._channel.push_nowait(request, lambda reply, error: self._answered(
-            answer, reply, error)):  # fmt: skip
+        answered: asyncio.Future[PushResponse] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[PushResponse] = answered
+        if not self._channel.push_nowait(request, functools.partial(self._answered, answered)):
             answer = asyncio.ensure_future(self._push_request(request))
             answer.add_done_callback(lambda _: self._pump())
         trouble = self._trouble
